@@ -1,0 +1,224 @@
+"""Value losses and the statistics reported beside them.
+
+All functions take predictions and targets of one shape ``[..., T]`` (any
+shape works; the last axis is the one ``aggregate="sequence_mean"`` averages
+over first) and an optional ``mask`` of 1 for steps that count. Masked steps
+are excluded with ``jnp.where``, so junk there (even NaN) changes nothing, and
+an all-masked batch gives 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from valuefn._checks import as_real, check_broadcastable, check_shape
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+
+LossKind = Literal["mse", "huber"]
+Aggregate = Literal["token_mean", "sequence_mean", "sum"]
+
+KINDS = ("mse", "huber")
+AGGREGATES = ("token_mean", "sequence_mean", "sum")
+
+
+def _weights(name: str, mask: ArrayLike | None, shape: tuple[int, ...]) -> Array:
+    """Mask as float32 weights broadcast to ``shape`` (ones where absent)."""
+    if mask is None:
+        return jnp.ones(shape, jnp.float32)
+    mask = check_broadcastable(name, as_real(name, mask, allow_bool=True), shape)
+    return jnp.broadcast_to(mask.astype(jnp.float32), shape)
+
+
+def _safe_divide(numerator: Array, denominator: Array) -> Array:
+    """``numerator / denominator``, and 0 where the denominator is 0."""
+    nonzero = denominator != 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
+
+
+def masked_mean(x: ArrayLike, mask: ArrayLike | None = None, axis=None) -> Array:
+    """Mean of ``x`` over the steps where ``mask`` is non-zero; 0 where none are.
+
+    Args:
+      x: any shape.
+      mask: broadcastable to ``x.shape``; 1 (or a weight) where the step counts.
+      axis: axes to reduce, as in ``jnp.mean``.
+
+    Returns:
+      ``sum(mask * x) / sum(mask)`` over ``axis``, float32.
+    """
+    x = as_real("x", x)
+    weights = _weights("mask", mask, x.shape)
+    return _safe_divide(
+        jnp.sum(jnp.where(weights != 0, x * weights, 0.0), axis=axis),
+        jnp.sum(weights, axis=axis),
+    ).astype(jnp.float32)
+
+
+def masked_whiten(
+    x: ArrayLike, mask: ArrayLike | None = None, *, shift_mean: bool = True, eps: float = 1e-8
+) -> Array:
+    """``(x - mean) / sqrt(var + eps)`` with the masked mean and (population) variance.
+
+    Args:
+      x: any shape; statistics are over all of it.
+      mask: broadcastable to ``x.shape``.
+      shift_mean: if False the mean is added back, scaling only (as PPO
+        implementations do for advantages of a baseline-free reward).
+      eps: added to the variance.
+
+    Returns:
+      float32 array of ``x.shape``; masked entries are 0.
+    """
+    x = as_real("x", x).astype(jnp.float32)
+    weights = _weights("mask", mask, x.shape)
+    mean = masked_mean(x, weights)
+    variance = masked_mean(jnp.square(x - mean), weights)
+    whitened = (x - mean) * jax.lax.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return jnp.where(weights != 0, whitened, 0.0)
+
+
+def explained_variance(
+    values: ArrayLike, targets: ArrayLike, mask: ArrayLike | None = None
+) -> Array:
+    """``1 - Var[targets - values] / Var[targets]`` over the masked steps.
+
+    1 is a perfect critic, 0 is no better than predicting the mean target,
+    negative is worse. Returns 0 where the targets have no variance.
+    """
+    values, targets = _check_pair(values, targets)
+    weights = _weights("mask", mask, targets.shape)
+
+    def variance(x):
+        return masked_mean(jnp.square(x - masked_mean(x, weights)), weights)
+
+    var_targets = variance(targets)
+    return jnp.where(
+        var_targets > 0, 1.0 - _safe_divide(variance(targets - values), var_targets), 0.0
+    )
+
+
+def _check_pair(values: ArrayLike, targets: ArrayLike) -> tuple[Array, Array]:
+    values = as_real("values", values)
+    targets = check_shape("targets", as_real("targets", targets), values.shape)
+    return values.astype(jnp.float32), targets.astype(jnp.float32)
+
+
+def _pointwise(residual: Array, kind: str, huber_delta: float) -> Array:
+    if kind == "mse":
+        return 0.5 * jnp.square(residual)
+    return optax.losses.huber_loss(residual, delta=huber_delta)
+
+
+def _clipped_values(values: Array, old_values: Array, clip_epsilon: float) -> Array:
+    return old_values + jnp.clip(values - old_values, -clip_epsilon, clip_epsilon)
+
+
+def _check_clip(
+    values: Array, old_values: ArrayLike | None, clip_epsilon: float | None
+) -> Array | None:
+    if (old_values is None) != (clip_epsilon is None):
+        raise ValueError(
+            "old_values and clip_epsilon go together: pass both for the clipped loss, or neither"
+        )
+    if old_values is None:
+        return None
+    if not clip_epsilon > 0:
+        raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon!r}")
+    old = check_shape("old_values", as_real("old_values", old_values), values.shape)
+    return old.astype(jnp.float32)
+
+
+def value_loss(
+    values: ArrayLike,
+    targets: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    old_values: ArrayLike | None = None,
+    clip_epsilon: float | None = None,
+    kind: LossKind = "mse",
+    huber_delta: float = 1.0,
+    aggregate: Aggregate = "token_mean",
+) -> Array:
+    """Value regression loss.
+
+    Per step, ``mse`` is ``0.5 * (v - y)^2`` and ``huber`` is the Huber loss with
+    threshold ``huber_delta`` (equal to mse inside it). With ``old_values`` and
+    ``clip_epsilon`` it is the PPO clipped form
+    ``max(l(v - y), l(v_clip - y))``, ``v_clip = v_old + clip(v - v_old, -eps, eps)``.
+
+    The targets are used as given: compute them with the kernels in
+    :mod:`valuefn.targets`, which stop their gradient by default.
+
+    Args:
+      values: predictions ``V(s_t)``, ``[..., T]``.
+      targets: same shape as ``values``.
+      mask: optional, broadcastable to ``values.shape``.
+      old_values: predictions of the critic that collected the data.
+      clip_epsilon: clip range for the clipped loss, > 0.
+      kind: ``"mse"`` or ``"huber"``.
+      huber_delta: Huber threshold, > 0.
+      aggregate: ``"token_mean"`` (mean over all valid steps),
+        ``"sequence_mean"`` (mean over each sequence's valid steps, then over
+        sequences that have any) or ``"sum"``.
+
+    Returns:
+      float32 scalar; 0 when every step is masked.
+
+    References:
+      Schulman et al., Proximal Policy Optimization Algorithms, 2017;
+      Huber, Robust Estimation of a Location Parameter, 1964.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if kind == "huber" and not huber_delta > 0:
+        raise ValueError(f"huber_delta must be > 0, got {huber_delta!r}")
+    values, targets = _check_pair(values, targets)
+    old = _check_clip(values, old_values, clip_epsilon)
+    weights = _weights("mask", mask, values.shape)
+
+    losses = _pointwise(values - targets, kind, huber_delta)
+    if old is not None:
+        clipped = _pointwise(
+            _clipped_values(values, old, clip_epsilon) - targets, kind, huber_delta
+        )
+        losses = jnp.maximum(losses, clipped)
+    losses = jnp.where(weights != 0, losses * weights, 0.0)
+
+    if aggregate == "sum":
+        return jnp.sum(losses)
+    if aggregate == "token_mean":
+        return _safe_divide(jnp.sum(losses), jnp.sum(weights))
+    if values.ndim == 0:
+        return _safe_divide(losses, weights)
+    per_sequence = _safe_divide(jnp.sum(losses, axis=-1), jnp.sum(weights, axis=-1))
+    has_steps = (jnp.sum(weights, axis=-1) != 0).astype(jnp.float32)
+    return _safe_divide(jnp.sum(per_sequence), jnp.sum(has_steps))
+
+
+def clip_fraction(
+    values: ArrayLike,
+    targets: ArrayLike,
+    old_values: ArrayLike,
+    clip_epsilon: float,
+    *,
+    mask: ArrayLike | None = None,
+) -> Array:
+    """Fraction of valid steps where the clipped term of the PPO value loss is active.
+
+    That is where ``(v_clip - y)^2 > (v - y)^2``, so the gradient is cut off.
+    """
+    values, targets = _check_pair(values, targets)
+    old = _check_clip(values, old_values, clip_epsilon)
+    clipped = _clipped_values(values, old, clip_epsilon)
+    active = jnp.square(clipped - targets) > jnp.square(values - targets)
+    return masked_mean(active.astype(jnp.float32), mask)

@@ -1,0 +1,436 @@
+"""Targets for value learning: TD(0), n-step, lambda-returns and GAE.
+
+Every kernel takes time-last arrays ``[..., T]`` with any number of leading
+batch axes (none included) and returns float32 ``[..., T]``:
+
+- ``values[..., t] = V(s_t)``; ``bootstrap_value[...] = V(s_T)``, the value after
+  the last step.
+- ``discounts[..., t] = gamma_t``, broadcastable to ``[..., T]``: gamma where the
+  episode goes on after step t, 0 where ``s_{t+1}`` is terminal.
+- ``mask[..., t]`` (optional): 1 for real steps. A masked step is skipped as if
+  absent: its outputs are 0, its reward, discount, truncation flag and value
+  are ignored, and the recursion runs from the previous valid step straight to
+  the next valid one.
+- ``truncated[..., t]`` (optional, with ``final_values``): the episode was cut by
+  a time limit after step t. The target bootstraps from ``final_values[..., t]``
+  and the recursion does not chain into step t + 1.
+
+Targets carry no gradient unless ``stop_target_gradients=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from valuefn._checks import as_real, check_broadcastable, check_shape, concrete_or_none
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+Method = Literal["auto", "scan", "associative"]
+
+METHODS = ("auto", "scan", "associative")
+
+# Below this horizon the sequential scan wins on every backend we measured; see
+# benchmarks/bench_targets.py and benchmarks/RESULTS.md.
+_ASSOCIATIVE_MIN_T = 256
+
+
+class _Steps(NamedTuple):
+    """Inputs aligned to ``[..., T]`` float32, with masks and truncation resolved."""
+
+    rewards: Array  # [..., T]
+    values: Array  # [..., T]
+    discounts: Array  # [..., T]
+    valid: Array  # [..., T] bool
+    next_values: Array  # [..., T] V after step t: final value, next valid value or bootstrap
+    chain: Array  # [..., T] discount into the next valid step's return, 0 at truncation
+    next_index: Array | None  # [..., T] int32 index of the next valid step (T if none)
+
+
+def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
+    """Per-step discounts ``gamma_t = gamma * (1 - terminated_t)``.
+
+    Args:
+      gamma: discount factor in [0, 1], a scalar or broadcastable to ``terminated``.
+      terminated: ``[..., T]`` bool or 0/1; true where ``s_{t+1}`` is terminal.
+
+    Returns:
+      float32 ``[..., T]`` discounts.
+    """
+    g = concrete_or_none(gamma)
+    if g is not None and (np.any(g < 0) or np.any(g > 1)):
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    terminated = jnp.asarray(terminated)
+    return jnp.where(terminated.astype(bool), 0.0, jnp.asarray(gamma, jnp.float32)).astype(
+        jnp.float32
+    )
+
+
+def _prepare(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    mask: ArrayLike | None,
+    truncated: ArrayLike | None,
+    final_values: ArrayLike | None,
+) -> _Steps:
+    rewards = as_real("rewards", rewards)
+    if rewards.ndim < 1 or rewards.shape[-1] < 1:
+        raise ValueError(
+            f"rewards must have a time axis last, shape [..., T] with T >= 1; "
+            f"got shape {rewards.shape}"
+        )
+    shape = rewards.shape
+    values = check_shape("values", as_real("values", values), shape)
+    bootstrap_value = check_shape(
+        "bootstrap_value", as_real("bootstrap_value", bootstrap_value), shape[:-1]
+    )
+    gammas = check_broadcastable("discounts", as_real("discounts", discounts), shape)
+    valid = None
+    if mask is not None:
+        valid = check_broadcastable("mask", as_real("mask", mask, allow_bool=True), shape)
+        valid = jnp.broadcast_to(valid != 0, shape)
+    if truncated is not None:
+        if final_values is None:
+            raise ValueError("truncated needs final_values: V(final observation) at each cut")
+        cut = check_broadcastable(
+            "truncated", as_real("truncated", truncated, allow_bool=True), shape
+        )
+        cut = jnp.broadcast_to(cut != 0, shape)
+        final_values = check_broadcastable(
+            "final_values", as_real("final_values", final_values), shape
+        )
+
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    rewards, values, bootstrap_value = f32(rewards), f32(values), f32(bootstrap_value)
+    gammas = jnp.broadcast_to(f32(gammas), shape)
+    extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
+    if valid is None:
+        next_index = None
+        next_values = extended[..., 1:]
+    else:
+        steps = jnp.arange(shape[-1], dtype=jnp.int32)
+        index = jnp.where(valid, steps, shape[-1])
+        suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
+        next_index = jnp.concatenate(
+            [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)], axis=-1
+        )
+        next_values = jnp.take_along_axis(extended, next_index, axis=-1)
+        rewards = jnp.where(valid, rewards, 0.0)
+        values = jnp.where(valid, values, 0.0)
+        gammas = jnp.where(valid, gammas, 0.0)
+    chain = gammas
+    if truncated is not None:
+        if valid is not None:
+            cut = cut & valid
+        next_values = jnp.where(cut, f32(jnp.broadcast_to(final_values, shape)), next_values)
+        chain = jnp.where(cut, 0.0, gammas)
+    if valid is None:
+        valid = jnp.ones(shape, bool)
+    return _Steps(rewards, values, gammas, valid, next_values, chain, next_index)
+
+
+def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
+    lam = concrete_or_none(lambda_)
+    if lam is not None and (np.any(np.isnan(lam)) or np.any(lam < 0) or np.any(lam > 1)):
+        raise ValueError(f"lambda_ must lie in [0, 1], got {lambda_!r}")
+    lam = check_broadcastable("lambda_", as_real("lambda_", lambda_), shape)
+    return jnp.asarray(lam, jnp.float32)
+
+
+def _resolve_method(method: str, horizon: int) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if jax.default_backend() == "cpu" or horizon < _ASSOCIATIVE_MIN_T:
+        return "scan"
+    return "associative"
+
+
+def _reverse_linear_scan(deltas: Array, coeffs: Array) -> Array:
+    """Solves ``x_t = deltas_t + coeffs_t * x_{t+1}``, ``x_T = 0``, with a reverse scan."""
+
+    def body(x_next, step):
+        delta, coeff = step
+        x = delta + coeff * x_next
+        return x, x
+
+    xs = (jnp.moveaxis(deltas, -1, 0), jnp.moveaxis(coeffs, -1, 0))
+    _, out = jax.lax.scan(body, jnp.zeros(deltas.shape[:-1], deltas.dtype), xs, reverse=True)
+    return jnp.moveaxis(out, 0, -1)
+
+
+def _reverse_linear_associative(deltas: Array, coeffs: Array) -> Array:
+    """Same recursion as ``_reverse_linear_scan`` by a parallel prefix scan.
+
+    Each step is the affine map ``x -> delta + coeff * x``; the suffix composition
+    of the maps from t to T - 1 applied to ``x_T = 0`` is ``x_t``.
+    """
+
+    def compose(later, earlier):
+        coeff_l, delta_l = later
+        coeff_e, delta_e = earlier
+        return coeff_e * coeff_l, delta_e + coeff_e * delta_l
+
+    _, out = jax.lax.associative_scan(compose, (coeffs, deltas), reverse=True, axis=deltas.ndim - 1)
+    return out
+
+
+def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
+    """GAE advantages with masked steps passed through (delta 0, coefficient 1)."""
+    deltas = steps.rewards + steps.discounts * steps.next_values - steps.values
+    deltas = jnp.where(steps.valid, deltas, 0.0)
+    coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
+    method = _resolve_method(method, deltas.shape[-1])
+    solve = _reverse_linear_scan if method == "scan" else _reverse_linear_associative
+    return jnp.where(steps.valid, solve(deltas, coeffs), 0.0)
+
+
+def _finish(x: Array, stop_target_gradients: bool) -> Array:
+    return jax.lax.stop_gradient(x) if stop_target_gradients else x
+
+
+def td_targets(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    truncated: ArrayLike | None = None,
+    final_values: ArrayLike | None = None,
+    stop_target_gradients: bool = True,
+) -> Array:
+    """One-step TD targets ``y_t = r_t + gamma_t * V(s_{t+1})``.
+
+    ``V(s_{t+1})`` is the next valid step's value, ``bootstrap_value`` after the
+    last valid step, or ``final_values[..., t]`` where ``truncated[..., t]``.
+
+    Args:
+      rewards: ``[..., T]`` rewards ``r_t``.
+      values: ``[..., T]`` predictions ``V(s_t)``.
+      discounts: broadcastable to ``[..., T]``; ``gamma_t``, 0 at termination.
+      bootstrap_value: ``[...]``, ``V(s_T)``.
+      mask: optional ``[..., T]``, 1 on real steps.
+      truncated: optional ``[..., T]``, 1 where a time limit cut the episode after t.
+      final_values: ``[..., T]`` V of the final observation, read where truncated.
+      stop_target_gradients: hold the targets constant (the semi-gradient TD rule).
+
+    Returns:
+      float32 ``[..., T]`` targets, 0 on masked steps.
+
+    References:
+      Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 6.
+    """
+    steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    targets = steps.rewards + steps.discounts * steps.next_values
+    return _finish(jnp.where(steps.valid, targets, 0.0), stop_target_gradients)
+
+
+def td_errors(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    truncated: ArrayLike | None = None,
+    final_values: ArrayLike | None = None,
+    stop_target_gradients: bool = True,
+) -> Array:
+    """TD errors ``delta_t = r_t + gamma_t * V(s_{t+1}) - V(s_t)``.
+
+    Same arguments as :func:`td_targets`. The gradient flows into ``values[..., t]``
+    through ``-V(s_t)`` only, unless ``stop_target_gradients=False``.
+
+    Returns:
+      float32 ``[..., T]`` TD errors, 0 on masked steps.
+    """
+    targets = td_targets(
+        rewards,
+        values,
+        discounts,
+        bootstrap_value,
+        mask=mask,
+        truncated=truncated,
+        final_values=final_values,
+        stop_target_gradients=stop_target_gradients,
+    )
+    values = jnp.asarray(values, jnp.float32)
+    if mask is None:
+        return targets - values
+    return jnp.where(jnp.broadcast_to(jnp.asarray(mask) != 0, targets.shape), targets - values, 0.0)
+
+
+def n_step_targets(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    n: int,
+    *,
+    mask: ArrayLike | None = None,
+    truncated: ArrayLike | None = None,
+    final_values: ArrayLike | None = None,
+    stop_target_gradients: bool = True,
+) -> Array:
+    """n-step bootstrapped returns.
+
+    ``y_t = r_t + gamma_t r_{t+1} + ... + (prod_{k<n} gamma_{t+k}) V(s_{t+n})``,
+    counting valid steps only. Near the end of the sequence the sum stops at
+    ``bootstrap_value``; at a truncation it stops at ``final_values[..., t]``.
+    With ``n >= T`` this is the full discounted return.
+
+    Args:
+      n: static horizon, a Python int >= 1.
+      Other arguments as :func:`td_targets`.
+
+    Returns:
+      float32 ``[..., T]`` targets, 0 on masked steps.
+
+    References:
+      Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 7.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a Python int >= 1, got {n!r}")
+    steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    horizon = steps.rewards.shape[-1]
+    one_step = steps.rewards + steps.discounts * steps.next_values
+    last = jnp.asarray(bootstrap_value, jnp.float32)[..., None]
+
+    def next_return(returns):
+        extended = jnp.concatenate([returns, last], axis=-1)
+        if steps.next_index is None:
+            return extended[..., 1:]
+        return jnp.take_along_axis(extended, steps.next_index, axis=-1)
+
+    def body(_, returns):
+        return one_step + steps.chain * (next_return(returns) - steps.next_values)
+
+    targets = jax.lax.fori_loop(0, min(int(n), horizon), body, steps.values)
+    return _finish(jnp.where(steps.valid, targets, 0.0), stop_target_gradients)
+
+
+def gae(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    lambda_: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    truncated: ArrayLike | None = None,
+    final_values: ArrayLike | None = None,
+    stop_target_gradients: bool = True,
+    method: Method = "auto",
+) -> tuple[Array, Array]:
+    """Generalised advantage estimation.
+
+    ``A_t = delta_t + gamma_t * lambda * A_{t+1}`` with
+    ``delta_t = r_t + gamma_t V(s_{t+1}) - V(s_t)``; the recursion stops at the end,
+    at terminations (``gamma_t = 0``) and at truncations, and skips masked steps.
+
+    Args:
+      lambda_: in [0, 1], a scalar or broadcastable to ``[..., T]``.
+      method: ``"scan"`` (reverse ``lax.scan``), ``"associative"``
+        (``lax.associative_scan`` over the affine maps ``A -> delta_t + c_t A``) or
+        ``"auto"`` (picked by backend and horizon). All give the same numbers up
+        to float rounding.
+      Other arguments as :func:`td_targets`.
+
+    Returns:
+      ``(advantages, returns)``, both float32 ``[..., T]`` and 0 on masked steps;
+      ``returns = advantages + values`` are the lambda-returns.
+
+    References:
+      Schulman et al., High-Dimensional Continuous Control Using Generalized
+      Advantage Estimation, 2016.
+    """
+    steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    lam = _check_lambda(lambda_, steps.rewards.shape)
+    advantages = _advantages(steps, lam, method)
+    returns = jnp.where(steps.valid, advantages + steps.values, 0.0)
+    return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
+
+
+def lambda_returns(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    lambda_: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    truncated: ArrayLike | None = None,
+    final_values: ArrayLike | None = None,
+    stop_target_gradients: bool = True,
+    method: Method = "auto",
+) -> Array:
+    """lambda-returns ``G_t = r_t + gamma_t ((1 - lambda) V(s_{t+1}) + lambda G_{t+1})``.
+
+    ``G`` after the last valid step is ``bootstrap_value``; at a truncation both
+    ``V(s_{t+1})`` and ``G_{t+1}`` are ``final_values[..., t]``. lambda = 0 gives
+    :func:`td_targets`, lambda = 1 gives :func:`discounted_returns`.
+
+    Arguments as :func:`gae`.
+
+    Returns:
+      float32 ``[..., T]`` returns, 0 on masked steps.
+
+    References:
+      Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 12.
+    """
+    _, returns = gae(
+        rewards,
+        values,
+        discounts,
+        bootstrap_value,
+        lambda_,
+        mask=mask,
+        truncated=truncated,
+        final_values=final_values,
+        stop_target_gradients=stop_target_gradients,
+        method=method,
+    )
+    return returns
+
+
+def discounted_returns(
+    rewards: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    truncated: ArrayLike | None = None,
+    final_values: ArrayLike | None = None,
+    stop_target_gradients: bool = True,
+    method: Method = "auto",
+) -> Array:
+    """Monte Carlo returns ``G_t = r_t + gamma_t G_{t+1}``, ``G_T = bootstrap_value``.
+
+    At a truncation ``G_{t+1}`` is ``final_values[..., t]``. Arguments as
+    :func:`gae` without ``values`` and ``lambda_`` (this is lambda = 1).
+
+    Returns:
+      float32 ``[..., T]`` returns, 0 on masked steps.
+    """
+    rewards = as_real("rewards", rewards)
+    return lambda_returns(
+        rewards,
+        jnp.zeros(rewards.shape, jnp.float32),
+        discounts,
+        bootstrap_value,
+        1.0,
+        mask=mask,
+        truncated=truncated,
+        final_values=final_values,
+        stop_target_gradients=stop_target_gradients,
+        method=method,
+    )
