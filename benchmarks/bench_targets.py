@@ -1,6 +1,6 @@
 """GAE and lambda-return kernels: scan against associative, NumPy and PyTorch loops.
 
-Run: python benchmarks/bench_targets.py [--shapes 64x1024,8x8192] [--repeats 7]
+Run from the repository root: python -m benchmarks.bench_targets [--shapes 64x1024,8x8192]
 
 The PyTorch loop is the reverse loop over time that TRL and OpenRLHF use
 (one Python iteration per token); it runs when torch is installed.
@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import valuefn  # noqa: E402
-from timing import format_table, measure  # noqa: E402
+import valuefn
+from benchmarks.timing import format_table, measure
 
 GAMMA, LAMBDA = 0.99, 0.95
 DEFAULT_SHAPES = ((64, 1024), (8, 8192), (1024, 2048))
