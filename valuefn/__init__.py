@@ -7,6 +7,22 @@ from valuefn.losses import (
     masked_whiten,
     value_loss,
 )
+from valuefn.rlhf import (
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    fixed_kl_controller,
+    kl_penalty,
+    response_values,
+    token_rewards,
+)
+from valuefn.rollout import (
+    Environment,
+    RolloutState,
+    Trajectory,
+    reset_envs,
+    rollout,
+)
 from valuefn.targets import (
     discounted_returns,
     discounts,
@@ -20,16 +36,28 @@ from valuefn.targets import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Environment",
+    "KLController",
+    "KLControllerState",
+    "RolloutState",
+    "Trajectory",
+    "adaptive_kl_controller",
     "clip_fraction",
     "discounted_returns",
     "discounts",
     "explained_variance",
+    "fixed_kl_controller",
     "gae",
+    "kl_penalty",
     "lambda_returns",
     "masked_mean",
     "masked_whiten",
     "n_step_targets",
+    "reset_envs",
+    "response_values",
+    "rollout",
     "td_errors",
     "td_targets",
+    "token_rewards",
     "value_loss",
 ]
