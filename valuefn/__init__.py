@@ -13,6 +13,7 @@ from valuefn.rlhf import (
     adaptive_kl_controller,
     fixed_kl_controller,
     kl_penalty,
+    response_discounts,
     response_values,
     token_rewards,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "masked_whiten",
     "n_step_targets",
     "reset_envs",
+    "response_discounts",
     "response_values",
     "rollout",
     "td_errors",

@@ -85,6 +85,12 @@ def _last_valid(valid: Array) -> tuple[Array, Array]:
     return last.astype(jnp.int32), jnp.any(valid, axis=-1)
 
 
+def _is_last_valid(valid: Array) -> Array:
+    """``[..., T]`` bool, true on the last true entry of each row."""
+    last, has_any = _last_valid(valid)
+    return (jnp.arange(valid.shape[-1]) == last[..., None]) & has_any[..., None]
+
+
 def token_rewards(
     scores: ArrayLike,
     response_mask: ArrayLike,
@@ -130,8 +136,7 @@ def token_rewards(
     if known_coef is not None and np.any(known_coef < 0):
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
 
-    last, has_any = _last_valid(valid)
-    is_last = (jnp.arange(shape[-1]) == last[..., None]) & has_any[..., None]
+    is_last = _is_last_valid(valid)
     rewards = jnp.where(is_last, scores[..., None], 0.0)
     if kl is None:
         if known_coef is None or np.any(known_coef != 0):
@@ -140,6 +145,36 @@ def token_rewards(
     kl = check_shape("kl", as_real("kl", kl), shape).astype(jnp.float32)
     penalty = jnp.where(valid, -coef.astype(jnp.float32) * kl, 0.0)
     return rewards + penalty
+
+
+def response_discounts(
+    gamma: float, response_mask: ArrayLike, truncated: ArrayLike | None = None
+) -> Array:
+    """Per-token discounts of responses: the episode ends at the last valid token.
+
+    ``gamma`` on every token, except 0 on the last valid token of a response that
+    ended (with EOS). A response cut at the length limit (``truncated``) is not
+    terminal: its last discount stays ``gamma`` so that the target bootstraps
+    from the ``bootstrap_value`` of :func:`response_values`.
+
+    Args:
+      gamma: the per-token discount, in [0, 1].
+      response_mask: ``[..., T]`` bool or 0/1, 1 on tokens the policy generated.
+      truncated: optional ``[...]`` bool, true where the response was cut.
+
+    Returns:
+      float32 ``[..., T]`` discounts for the target kernels.
+    """
+    known = concrete_or_none(gamma)
+    if known is None or known.ndim != 0 or not 0 <= known <= 1:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    valid = _check_response_mask(response_mask)
+    is_last = _is_last_valid(valid)
+    if truncated is not None:
+        cut = as_real("truncated", truncated, allow_bool=True)
+        cut = check_shape("truncated", cut, valid.shape[:-1])
+        is_last = is_last & ~(cut != 0)[..., None]
+    return jnp.where(is_last, 0.0, jnp.float32(gamma))
 
 
 def response_values(
