@@ -155,34 +155,31 @@ class Dialogues(NamedTuple):
     truncated: Array  # [B] bool: the last assistant turn hit turn_length without EOS
 
 
-def _init_language_model(key: Array, config: DialogueConfig) -> LanguageModel:
+def _init_language_model(rng: np.random.Generator, config: DialogueConfig) -> LanguageModel:
     v, d = config.vocab_size, config.hidden_size
-    keys = jax.random.split(key, 4)
     return LanguageModel(
-        embed=jax.random.normal(keys[0], (v, d)),
-        position=jax.random.normal(keys[1], (config.turn_length, d)),
-        w_hidden=jax.random.normal(keys[2], (3 * d, d)) / np.sqrt(3 * d),
-        b_hidden=jnp.zeros((d,)),
-        w_out=jax.random.normal(keys[3], (d, v)) * (1.5 / np.sqrt(d)),
-        b_out=jnp.zeros((v,)),
+        embed=rng.normal(size=(v, d)),
+        position=rng.normal(size=(config.turn_length, d)),
+        w_hidden=rng.normal(size=(3 * d, d)) / np.sqrt(3 * d),
+        b_hidden=np.zeros(d),
+        w_out=rng.normal(size=(d, v)) * (1.5 / np.sqrt(d)),
+        b_out=np.zeros(v),
     )
 
 
 @functools.lru_cache(maxsize=8)
 def dialogue_models(config: DialogueConfig = DialogueConfig()) -> DialogueModels:
-    """The task's fixed policy and reference models, from ``config.seed``."""
-    key_reference, key_shift = jax.random.split(jax.random.key(config.seed))
-    reference = _init_language_model(key_reference, config)
-    leaves, treedef = jax.tree.flatten(reference)
-    shifts = jax.random.split(key_shift, len(leaves))
-    policy = jax.tree.unflatten(
-        treedef,
-        [
-            leaf + config.reference_noise * jax.random.normal(k, leaf.shape)
-            for leaf, k in zip(leaves, shifts, strict=True)
-        ],
+    """The task's fixed policy and reference models, from ``config.seed``.
+
+    Drawn with NumPy, so they are constants even when first asked for under ``jit``.
+    """
+    rng = np.random.default_rng(config.seed)
+    reference = _init_language_model(rng, config)
+    policy = jax.tree.map(
+        lambda w: w + config.reference_noise * rng.normal(size=w.shape), reference
     )
-    return DialogueModels(policy=policy, reference=reference)
+    as_f32 = functools.partial(jax.tree.map, lambda w: np.asarray(w, np.float32))
+    return DialogueModels(policy=as_f32(policy), reference=as_f32(reference))
 
 
 def next_token_logits(
@@ -206,19 +203,20 @@ def next_token_logits(
       config: the task.
     """
     context = token_counts @ model.embed / jnp.maximum(jnp.sum(token_counts), 1.0)
-    position = model.position[jnp.minimum(turn_position, config.turn_length - 1)]
-    features = jnp.concatenate([model.embed[last_token], context, position])
+    # One-hot products rather than gathers: the same numbers, and quicker to compile.
+    last = jax.nn.one_hot(last_token, config.vocab_size) @ model.embed
+    position = jax.nn.one_hot(turn_position, config.turn_length) @ model.position
+    features = jnp.concatenate([last, context, position])
     logits = jnp.tanh(features @ model.w_hidden + model.b_hidden) @ model.w_out + model.b_out
-    bias = (
-        jnp.zeros(config.vocab_size)
-        .at[EOS]
-        .set(config.eos_bias)
-        .at[config.target_token]
-        .add(config.target_bias)
-        .at[jnp.array([PAD, USER])]
-        .set(-jnp.inf)
-    )
-    return logits + bias
+    return logits + _logit_bias(config)
+
+
+def _logit_bias(config: DialogueConfig) -> np.ndarray:
+    bias = np.zeros(config.vocab_size, np.float32)
+    bias[EOS] += config.eos_bias
+    bias[config.target_token] += config.target_bias
+    bias[[PAD, USER]] = -np.inf
+    return bias
 
 
 def _prompt_distribution(config: DialogueConfig) -> Array:
@@ -228,16 +226,17 @@ def _prompt_distribution(config: DialogueConfig) -> Array:
     return jnp.log(jnp.asarray(weights / weights.sum(), jnp.float32))
 
 
-def sample_prompts(key: Array, batch_size: int, config: DialogueConfig) -> Array:
-    """``[B, P]`` int32 prompts, left-padded with ``PAD``, lengths uniform in [min, P]."""
-    key_length, key_tokens = jax.random.split(key)
-    lengths = jax.random.randint(
-        key_length, (batch_size, 1), config.min_prompt_length, config.prompt_length + 1
+def _sample_prompt(gumbel: Array, length_uniform: Array, config: DialogueConfig) -> Array:
+    """``[P]`` int32 prompt, left-padded, its length uniform in [min_prompt_length, P].
+
+    ``gumbel`` ``[P, V]`` is Gumbel noise for the words, ``length_uniform`` a uniform in [0, 1).
+    """
+    words = jnp.argmax(_prompt_distribution(config) + gumbel, axis=-1)
+    choices = config.prompt_length - config.min_prompt_length + 1
+    length = config.min_prompt_length + jnp.minimum(
+        jnp.floor(length_uniform * choices).astype(jnp.int32), choices - 1
     )
-    words = jax.random.categorical(
-        key_tokens, _prompt_distribution(config), shape=(batch_size, config.prompt_length)
-    )
-    starts = config.prompt_length - lengths
+    starts = config.prompt_length - length
     return jnp.where(jnp.arange(config.prompt_length) >= starts, words, PAD).astype(jnp.int32)
 
 
@@ -271,21 +270,26 @@ class _Carry(NamedTuple):
 
 
 def _sample_response(
-    models: DialogueModels, prompt: Array, key: Array, config: DialogueConfig
+    models: DialogueModels, prompt: Array, gumbel: Array, config: DialogueConfig
 ) -> tuple[_Carry, tuple[Array, ...]]:
-    """One dialogue's response part: a scan over its ``T`` positions."""
+    """One dialogue's response part: a scan over its ``T`` positions.
+
+    Sampling is Gumbel-max, ``argmax(logits + g_t)`` with ``gumbel`` ``[T, V]``: the
+    policy's token at an assistant position, a uniform ordinary token (equal
+    logits) at a user position. Only one of the two is used at any position, so
+    they can share ``g_t``.
+    """
     k_last = config.num_turns - 1
 
-    def body(carry: _Carry, key_t: Array):
-        key_policy, key_user = jax.random.split(key_t)
+    def body(carry: _Carry, gumbel_t: Array):
         logits = next_token_logits(
             models.policy, carry.last_token, carry.counts, carry.position, config
         )
         ref_logits = next_token_logits(
             models.reference, carry.last_token, carry.counts, carry.position, config
         )
-        action = jax.random.categorical(key_policy, logits)
-        user_word = jax.random.randint(key_user, (), FIRST_ORDINARY, config.vocab_size)
+        action = jnp.argmax(logits + gumbel_t).astype(jnp.int32)
+        user_word = FIRST_ORDINARY + jnp.argmax(gumbel_t[FIRST_ORDINARY:])
         user_token = jnp.where(carry.position == 0, USER, user_word)
 
         assistant = carry.phase == PHASE_ASSISTANT
@@ -324,7 +328,7 @@ def _sample_response(
         phase=jnp.asarray(PHASE_ASSISTANT, jnp.int32),
         truncated=jnp.zeros((), bool),
     )
-    return jax.lax.scan(body, init, jax.random.split(key, config.response_length))
+    return jax.lax.scan(body, init, gumbel)
 
 
 def sample_dialogues(
@@ -356,11 +360,21 @@ def sample_dialogues(
         raise ValueError(f"batch_size must be a Python int >= 1, got {batch_size!r}")
     if models is None:
         models = dialogue_models(config)
-    key_prompt, key_response = jax.random.split(key)
-    prompts = sample_prompts(key_prompt, batch_size, config)
+    models = jax.tree.map(jnp.asarray, models)
+    # All the randomness in one draw (one random-bits kernel to compile): Gumbel
+    # noise for the prompt's words and the response's tokens, and one uniform for
+    # the prompt's length.
+    p, v = config.prompt_length, config.vocab_size
+    uniform = jax.random.uniform(
+        key, (batch_size, config.length + 1, v), minval=jnp.finfo(jnp.float32).tiny
+    )
+    gumbel = -jnp.log(-jnp.log(uniform[:, :-1]))
+    prompts = jax.vmap(functools.partial(_sample_prompt, config=config))(
+        gumbel[:, :p], uniform[:, -1, 0]
+    )
     sample_one = functools.partial(_sample_response, models, config=config)
     final, (tokens, assistant, turn, logprobs, ref_logprobs) = jax.vmap(sample_one)(
-        prompts, jax.random.split(key_response, batch_size)
+        prompts, gumbel[:, p:]
     )
     return Dialogues(
         tokens=jnp.concatenate([prompts, tokens], axis=1),
