@@ -238,6 +238,58 @@ def test_response_values_reject_bad_arguments():
         valuefn.response_values(np.zeros((4, 8)), 3, MASK)
 
 
+# --- response_discounts ------------------------------------------------------------------
+
+
+def test_response_discounts_end_each_response_at_its_last_valid_token():
+    g = 0.9
+    expected = np.array(
+        [
+            [g, g, 0, g, g],
+            [g, g, g, g, 0],
+            [g, g, g, g, g],
+            [g, g, g, g, 0],
+            [g, g, 0, g, g],
+        ],
+        np.float32,
+    )
+    out = valuefn.response_discounts(g, MASK)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, expected)
+    truncated = np.array([False, True, False, False, True])
+    expected[1, 4] = expected[4, 2] = g  # cut at the limit: not terminal
+    np.testing.assert_array_equal(valuefn.response_discounts(g, MASK, truncated), expected)
+
+
+def test_rlhf_pieces_fit_the_target_kernels_eos_ends_and_a_cut_bootstraps():
+    # P = 2, T = 4; the first response ends with EOS, the second is cut at the limit.
+    prompt_length, gamma = 2, 0.5
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    truncated = np.array([False, True])
+    outputs = RNG.normal(size=(2, 6)).astype(np.float32)
+    kl = RNG.normal(size=(2, 4)).astype(np.float32)
+    scores = np.array([1.0, 2.0], np.float32)
+    rewards = valuefn.token_rewards(scores, mask, kl=kl, kl_coef=0.1)
+    values, bootstrap = valuefn.response_values(outputs, prompt_length, mask)
+    discounts = valuefn.response_discounts(gamma, mask, truncated)
+    targets = valuefn.td_targets(rewards, values, discounts, bootstrap, mask=mask)
+    for b in range(2):
+        length = int(mask[b].sum())
+        for t in range(length):
+            reward = -0.1 * kl[b, t] + (scores[b] if t == length - 1 else 0.0)
+            # V(s_{t+1}) is the output at the position of token t: P + t.
+            if t < length - 1 or truncated[b]:
+                reward += gamma * outputs[b, prompt_length + t]
+            np.testing.assert_allclose(targets[b, t], reward, rtol=1e-5, atol=1e-6)
+
+
+def test_response_discounts_reject_bad_arguments():
+    with pytest.raises(ValueError, match="gamma"):
+        valuefn.response_discounts(1.5, MASK)
+    with pytest.raises(ValueError, match="truncated"):
+        valuefn.response_discounts(0.9, MASK, np.zeros(4, bool))
+
+
 # --- KL controllers ----------------------------------------------------------------------
 
 
