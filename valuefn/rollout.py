@@ -145,9 +145,13 @@ def rollout(
     :func:`step_keys`.
 
     ``policy`` and ``value_fn`` see one observation at a time and are vmapped,
-    parameters shared. The function is pure; jit it with the functions static::
+    parameters shared. The function is pure: call it inside your own jitted
+    step, or jit it with the functions static::
 
       run = jax.jit(rollout, static_argnames=("env", "policy", "value_fn", "num_steps"))
+
+    Static arguments are compared by hash, so build ``env`` once and reuse it:
+    every new closure compiles again.
 
     Args:
       env: the environment.

@@ -178,8 +178,15 @@ def dialogue_models(config: DialogueConfig = DialogueConfig()) -> DialogueModels
     policy = jax.tree.map(
         lambda w: w + config.reference_noise * rng.normal(size=w.shape), reference
     )
-    as_f32 = functools.partial(jax.tree.map, lambda w: np.asarray(w, np.float32))
-    return DialogueModels(policy=as_f32(policy), reference=as_f32(reference))
+
+    def frozen(w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w, np.float32)
+        w.setflags(write=False)  # shared by every caller through the cache
+        return w
+
+    return DialogueModels(
+        policy=jax.tree.map(frozen, policy), reference=jax.tree.map(frozen, reference)
+    )
 
 
 def next_token_logits(
