@@ -95,8 +95,12 @@ def explained_variance(
     """
     values, targets = _check_pair(values, targets)
     weights = _weights("mask", mask, targets.shape)
+    first_valid = jnp.argmax(weights.ravel() != 0)
 
     def variance(x):
+        # Shifted by one valid entry, constant targets have exactly zero variance;
+        # the rounding error of their mean would otherwise leave a tiny positive one.
+        x = x - x.ravel()[first_valid]
         return masked_mean(jnp.square(x - masked_mean(x, weights)), weights)
 
     var_targets = variance(targets)
@@ -185,6 +189,12 @@ def value_loss(
     values, targets = _check_pair(values, targets)
     old = _check_clip(values, old_values, clip_epsilon)
     weights = _weights("mask", mask, values.shape)
+    # Zero the masked steps before any arithmetic: masking only the result would
+    # still send NaN gradients (0 * NaN) back from junk there.
+    valid = weights != 0
+    values, targets = jnp.where(valid, values, 0.0), jnp.where(valid, targets, 0.0)
+    if old is not None:
+        old = jnp.where(valid, old, 0.0)
 
     losses = _pointwise(values - targets, kind, huber_delta)
     if old is not None:

@@ -1,0 +1,569 @@
+"""Target kernels against plain NumPy loop references, and their properties."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import valuefn as vf
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+# Few shapes: each new shape costs a compilation. Unbatched, batched, two batch
+# axes, and a horizon of one.
+SHAPES = ((7,), (3, 6), (2, 2, 4), (3, 1))
+PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+METHODS = ("scan", "associative", "auto")
+
+
+def make_episode(
+    shape,
+    seed,
+    *,
+    masked=True,
+    truncations=True,
+    per_step_discounts=True,
+):
+    """Random kernel inputs as a dict of keyword arguments (absent ones omitted)."""
+    rng = np.random.default_rng(seed)
+
+    def normal(size):
+        return rng.normal(size=size).astype(np.float32)
+
+    gamma = float(rng.uniform(0.5, 1.0))
+    inputs = {
+        "rewards": normal(shape),
+        "values": normal(shape),
+        "bootstrap_value": normal(shape[:-1]),
+        "discounts": gamma,
+    }
+    if per_step_discounts:
+        gammas = rng.uniform(0.5, 1.0, size=shape).astype(np.float32)
+        inputs["discounts"] = np.where(rng.random(shape) < 0.2, 0.0, gammas).astype(np.float32)
+    if masked:
+        inputs["mask"] = rng.random(shape) < rng.choice([0.3, 0.7, 1.0])
+    if truncations:
+        inputs["truncated"] = rng.random(shape) < 0.2
+        inputs["final_values"] = normal(shape)
+    return inputs
+
+
+@st.composite
+def episodes(draw):
+    return make_episode(
+        draw(st.sampled_from(SHAPES)),
+        draw(st.integers(0, 2**32 - 1)),
+        masked=draw(st.booleans()),
+        truncations=draw(st.booleans()),
+        per_step_discounts=draw(st.booleans()),
+    )
+
+
+def split(inputs):
+    """``(positional, keyword)`` arguments of a kernel taking values."""
+    inputs = dict(inputs)
+    positional = tuple(
+        inputs.pop(name) for name in ("rewards", "values", "discounts", "bootstrap_value")
+    )
+    return positional, inputs
+
+
+def call(kernel, inputs, *args, **kwargs):
+    positional, options = split(inputs)
+    return kernel(*positional, *args, **options, **kwargs)
+
+
+def without_values(kernel):
+    """Adapts ``discounted_returns`` to the argument order of the other kernels."""
+
+    @functools.wraps(kernel)
+    def adapted(rewards, values, discounts, bootstrap_value, **kwargs):
+        del values
+        return kernel(rewards, discounts, bootstrap_value, **kwargs)
+
+    return adapted
+
+
+def gae_part(index):
+    def part(*args, **kwargs):
+        return vf.gae(*args, **kwargs)[index]
+
+    return part
+
+
+# Every kernel as f(rewards, values, discounts, bootstrap_value, **options) -> [..., T],
+# with the reference computing the same thing.
+KERNELS = {
+    "td_targets": (vf.td_targets, ref.td_targets),
+    "td_errors": (vf.td_errors, ref.td_errors),
+    "n_step_targets": (
+        functools.partial(vf.n_step_targets, n=3),
+        lambda *a, **k: ref.n_step_targets(*a, 3, **k),
+    ),
+    "lambda_returns": (
+        functools.partial(vf.lambda_returns, lambda_=0.8),
+        lambda *a, **k: ref.lambda_returns(*a, 0.8, **k),
+    ),
+    "gae_advantages": (
+        functools.partial(gae_part(0), lambda_=0.8),
+        lambda *a, **k: ref.gae_advantages(*a, 0.8, **k),
+    ),
+    "gae_returns": (
+        functools.partial(gae_part(1), lambda_=0.8),
+        lambda *a, **k: ref.lambda_returns(*a, 0.8, **k),
+    ),
+    "discounted_returns": (
+        without_values(vf.discounted_returns),
+        without_values(ref.discounted_returns),
+    ),
+}
+KERNEL_NAMES = sorted(KERNELS)
+
+
+# Every kernel equals its reference on random inputs.
+
+GIVEN_LAMBDA_AND_METHOD = given(
+    inputs=episodes(), lambda_=st.floats(0.0, 1.0), method=st.sampled_from(METHODS)
+)
+
+
+@PROPERTY_SETTINGS
+@given(inputs=episodes())
+def test_td_targets_match_reference(inputs):
+    np.testing.assert_allclose(call(vf.td_targets, inputs), call(ref.td_targets, inputs), **TOL)
+
+
+@PROPERTY_SETTINGS
+@given(inputs=episodes())
+def test_td_errors_match_reference(inputs):
+    np.testing.assert_allclose(call(vf.td_errors, inputs), call(ref.td_errors, inputs), **TOL)
+
+
+@PROPERTY_SETTINGS
+@given(inputs=episodes(), n=st.integers(1, 8))
+def test_n_step_targets_match_reference(inputs, n):
+    np.testing.assert_allclose(
+        call(vf.n_step_targets, inputs, n), call(ref.n_step_targets, inputs, n), **TOL
+    )
+
+
+@PROPERTY_SETTINGS
+@GIVEN_LAMBDA_AND_METHOD
+def test_lambda_returns_match_reference(inputs, lambda_, method):
+    np.testing.assert_allclose(
+        call(vf.lambda_returns, inputs, lambda_, method=method),
+        call(ref.lambda_returns, inputs, lambda_),
+        **TOL,
+    )
+
+
+@PROPERTY_SETTINGS
+@GIVEN_LAMBDA_AND_METHOD
+def test_gae_matches_reference(inputs, lambda_, method):
+    advantages, returns = call(vf.gae, inputs, lambda_, method=method)
+    np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lambda_), **TOL)
+    np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lambda_), **TOL)
+
+
+@PROPERTY_SETTINGS
+@given(inputs=episodes(), method=st.sampled_from(METHODS))
+def test_discounted_returns_match_reference(inputs, method):
+    kernel, reference = KERNELS["discounted_returns"]
+    np.testing.assert_allclose(call(kernel, inputs, method=method), call(reference, inputs), **TOL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_step_lambda_weights_each_step_by_its_own_lambda(seed):
+    inputs = make_episode((3, 6), seed)
+    lambdas = np.random.default_rng(seed).uniform(size=(3, 6)).astype(np.float32)
+    np.testing.assert_allclose(
+        call(vf.lambda_returns, inputs, lambdas), call(ref.lambda_returns, inputs, lambdas), **TOL
+    )
+
+
+# Identities between the kernels.
+
+
+@pytest.fixture(params=SHAPES, ids=str)
+def inputs(request):
+    """Random inputs with masks and truncations, one set per test shape."""
+    return make_episode(request.param, seed=SHAPES.index(request.param))
+
+
+def test_lambda_zero_equals_td0(inputs):
+    np.testing.assert_allclose(
+        call(vf.lambda_returns, inputs, 0.0), call(vf.td_targets, inputs), **TOL
+    )
+
+
+def test_lambda_one_equals_discounted_returns(inputs):
+    (rewards, values, discounts, bootstrap_value), options = split(inputs)
+    np.testing.assert_allclose(
+        vf.lambda_returns(rewards, values, discounts, bootstrap_value, 1.0, **options),
+        vf.discounted_returns(rewards, discounts, bootstrap_value, **options),
+        **TOL,
+    )
+
+
+def test_n_step_with_n_at_least_horizon_equals_lambda_one(inputs):
+    horizon = inputs["rewards"].shape[-1]
+    full_return = call(vf.lambda_returns, inputs, 1.0)
+    for n in (horizon, horizon + 3):
+        np.testing.assert_allclose(call(vf.n_step_targets, inputs, n), full_return, **TOL)
+
+
+def test_one_step_target_equals_td0(inputs):
+    np.testing.assert_allclose(
+        call(vf.n_step_targets, inputs, 1), call(vf.td_targets, inputs), **TOL
+    )
+
+
+def test_gae_returns_equal_lambda_returns_and_advantages_plus_values(inputs):
+    advantages, returns = call(vf.gae, inputs, 0.9)
+    np.testing.assert_allclose(returns, call(vf.lambda_returns, inputs, 0.9), **TOL)
+    valid = np.broadcast_to(inputs.get("mask", True), returns.shape)
+    np.testing.assert_allclose(returns, np.where(valid, advantages + inputs["values"], 0.0), **TOL)
+
+
+def test_gae_with_lambda_zero_gives_td_errors(inputs):
+    advantages, _ = call(vf.gae, inputs, 0.0)
+    np.testing.assert_allclose(advantages, call(vf.td_errors, inputs), **TOL)
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 300)])
+def test_scan_and_associative_agree(shape):
+    inputs = make_episode(shape, seed=len(shape))
+    scan, associative, auto = (
+        jax.jit(functools.partial(call, vf.gae, lambda_=0.95, method=method))(inputs)
+        for method in METHODS
+    )
+    for other in (associative, auto):
+        np.testing.assert_allclose(other[0], scan[0], **TOL)
+        np.testing.assert_allclose(other[1], scan[1], **TOL)
+
+
+def test_horizon_one_is_one_step():
+    inputs = make_episode((4, 1), seed=0, masked=False, truncations=False)
+    expected = inputs["rewards"] + inputs["discounts"] * inputs["bootstrap_value"][:, None]
+    for name in ("td_targets", "lambda_returns", "gae_returns"):
+        np.testing.assert_allclose(call(KERNELS[name][0], inputs), expected, **TOL)
+
+
+# Masks and truncation.
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_masked_junk_changes_nothing(name):
+    kernel, _ = KERNELS[name]
+    clean = make_episode((3, 6), seed=7)
+    valid = clean["mask"]
+    junk = dict(clean)
+    for key in ("rewards", "values", "discounts", "final_values"):
+        junk[key] = np.where(valid, clean[key], np.nan).astype(np.float32)
+    junk["truncated"] = np.where(valid, clean["truncated"], True)
+    # final_values is only read at truncations.
+    junk["final_values"] = np.where(clean["truncated"], junk["final_values"], np.nan)
+    out = call(kernel, junk)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(np.asarray(out)[~valid], 0.0)
+    np.testing.assert_allclose(out, call(kernel, clean), **TOL)
+
+
+def test_masked_junk_gives_finite_gradients_when_targets_are_not_stopped():
+    clean = make_episode((3, 6), seed=8)
+    valid = clean["mask"]
+    junk = dict(clean)
+    for key in ("rewards", "values", "discounts"):
+        junk[key] = np.where(valid, clean[key], np.nan).astype(np.float32)
+    for name in KERNEL_NAMES:
+        kernel, _ = KERNELS[name]
+
+        def total(values, rewards, kernel=kernel):
+            inputs = {**junk, "values": values, "rewards": rewards}
+            return jnp.sum(call(kernel, inputs, stop_target_gradients=False))
+
+        for grad in jax.grad(total, argnums=(0, 1))(junk["values"], junk["rewards"]):
+            assert np.all(np.isfinite(grad)), name
+            np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+@pytest.mark.parametrize("seed", range(2))
+def test_masked_steps_are_absent(name, seed):
+    """Valid outputs equal the kernel run on the sequence with masked steps removed."""
+    kernel, _ = KERNELS[name]
+    rng = np.random.default_rng(seed)
+    inputs = make_episode((9,), seed)
+    valid = np.zeros(9, bool)
+    valid[rng.choice(9, size=5, replace=False)] = True
+    inputs["mask"] = valid
+    compact = {
+        key: value[valid] if np.ndim(value) == 1 else value
+        for key, value in inputs.items()
+        if key != "mask"
+    }
+    out = np.asarray(call(kernel, inputs))
+    np.testing.assert_allclose(out[valid], call(kernel, compact), **TOL)
+    np.testing.assert_array_equal(out[~valid], 0.0)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_truncation_splits_the_sequence(name):
+    """A cut after step t gives the targets of two separate episodes, the first
+    bootstrapped from final_values[t]."""
+    kernel, _ = KERNELS[name]
+    inputs = make_episode((8,), seed=3, masked=False, truncations=False)
+    cut = 4
+    truncated = np.arange(8) == cut
+    final_values = np.random.default_rng(0).normal(size=8).astype(np.float32)
+    out = call(kernel, inputs, truncated=truncated, final_values=final_values)
+    head = {key: value[: cut + 1] for key, value in inputs.items() if key != "bootstrap_value"}
+    head["bootstrap_value"] = final_values[cut]
+    tail = {key: value[cut + 1 :] for key, value in inputs.items() if key != "bootstrap_value"}
+    tail["bootstrap_value"] = inputs["bootstrap_value"]
+    np.testing.assert_allclose(out[: cut + 1], call(kernel, head), **TOL)
+    np.testing.assert_allclose(out[cut + 1 :], call(kernel, tail), **TOL)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_absent_options_equal_neutral_ones(name):
+    kernel, _ = KERNELS[name]
+    plain = make_episode((3, 6), seed=4, masked=False, truncations=False)
+    neutral = {
+        **plain,
+        "mask": np.ones((3, 6), np.float32),
+        "truncated": np.zeros((3, 6), bool),
+        "final_values": np.full((3, 6), 1e6, np.float32),
+    }
+    np.testing.assert_allclose(call(kernel, neutral), call(kernel, plain), **TOL)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_bootstrap_value_is_ignored_after_termination(name):
+    kernel, _ = KERNELS[name]
+    inputs = make_episode((3, 6), seed=5, masked=False, truncations=False)
+    inputs["discounts"][:, -1] = 0.0
+    other = {**inputs, "bootstrap_value": inputs["bootstrap_value"] + 100.0}
+    np.testing.assert_allclose(call(kernel, other), call(kernel, inputs), **TOL)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_discounts_broadcast_like_full_arrays(name):
+    kernel, _ = KERNELS[name]
+    inputs = make_episode((3, 6), seed=6, per_step_discounts=False)
+    rng = np.random.default_rng(6)
+    for discounts in (
+        rng.uniform(size=6).astype(np.float32),
+        rng.uniform(size=(3, 1)).astype(np.float32),
+        np.float32(0.9),
+    ):
+        full = np.broadcast_to(discounts, (3, 6))
+        np.testing.assert_allclose(
+            call(kernel, {**inputs, "discounts": discounts}),
+            call(kernel, {**inputs, "discounts": full}),
+            **TOL,
+        )
+
+
+def test_discounts_are_gamma_except_at_terminations():
+    terminated = np.array([[False, True, False], [True, False, False]])
+    out = vf.discounts(0.9, terminated)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.where(terminated, 0.0, np.float32(0.9)), **TOL)
+    np.testing.assert_allclose(vf.discounts(0.5, terminated.astype(np.int32)), 0.5 * ~terminated)
+
+
+# Gradients.
+
+
+def _grads(kernel, inputs, **kwargs):
+    """Gradients of the sum of targets w.r.t. rewards, values and bootstrap_value."""
+
+    def total(rewards, values, bootstrap_value):
+        changed = {
+            **inputs,
+            "rewards": rewards,
+            "values": values,
+            "bootstrap_value": bootstrap_value,
+        }
+        return jnp.sum(call(kernel, changed, **kwargs))
+
+    return jax.grad(total, argnums=(0, 1, 2))(
+        inputs["rewards"], inputs["values"], inputs["bootstrap_value"]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(set(KERNEL_NAMES) - {"td_errors"}))
+def test_targets_carry_no_gradient_by_default(name):
+    inputs = make_episode((3, 6), seed=1, truncations=False)
+    for grad in _grads(KERNELS[name][0], inputs):
+        np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_targets_pass_gradient_when_not_stopped(name):
+    inputs = make_episode((3, 6), seed=1, masked=False, truncations=False)
+    inputs["discounts"] = 0.9
+    d_rewards, d_values, d_bootstrap = _grads(KERNELS[name][0], inputs, stop_target_gradients=False)
+    assert np.all(np.asarray(d_rewards) != 0)
+    assert np.all(np.asarray(d_bootstrap) != 0)
+    if name != "discounted_returns":
+        assert np.any(np.asarray(d_values) != 0)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_unstopped_derivative_is_the_reference_linear_map(name):
+    """Targets are linear in (rewards, values, bootstrap_value, final_values), so
+    their derivative in any direction is the reference applied to that direction."""
+    kernel, reference = KERNELS[name]
+    inputs = make_episode((3, 6), seed=2)
+    direction = make_episode((3, 6), seed=12)
+    keys = ("rewards", "values", "bootstrap_value", "final_values")
+
+    def targets(*arrays):
+        return call(
+            kernel, {**inputs, **dict(zip(keys, arrays, strict=True))}, stop_target_gradients=False
+        )
+
+    _, derivative = jax.jvp(
+        targets, tuple(inputs[key] for key in keys), tuple(direction[key] for key in keys)
+    )
+    expected = call(reference, {**inputs, **{key: direction[key] for key in keys}})
+    np.testing.assert_allclose(derivative, expected, **TOL)
+
+
+def test_td_error_gradient_flows_into_values_only():
+    inputs = make_episode((3, 6), seed=3)
+    d_rewards, d_values, d_bootstrap = _grads(vf.td_errors, inputs)
+    np.testing.assert_array_equal(d_rewards, 0.0)
+    np.testing.assert_array_equal(d_bootstrap, 0.0)
+    np.testing.assert_array_equal(d_values, np.where(inputs["mask"], -1.0, 0.0))
+
+
+# Batching, dtypes, jit and tracing.
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_batched_call_equals_vmap_over_rows(name):
+    kernel, _ = KERNELS[name]
+    inputs = make_episode((3, 6), seed=9)
+    positional, options = split(inputs)
+    keys = tuple(options)
+
+    def row(rewards, values, discounts, bootstrap_value, *extra):
+        return kernel(
+            rewards, values, discounts, bootstrap_value, **dict(zip(keys, extra, strict=True))
+        )
+
+    mapped = jax.vmap(row)(*positional, *options.values())
+    np.testing.assert_allclose(call(kernel, inputs), mapped, **TOL)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_outputs_are_float32_whatever_the_input_dtypes(name):
+    kernel, reference = KERNELS[name]
+    rng = np.random.default_rng(0)
+    inputs = {
+        "rewards": rng.integers(-3, 3, size=(2, 5)).astype(np.int32),
+        "values": jnp.asarray(rng.normal(size=(2, 5)), jnp.bfloat16),
+        "discounts": jnp.full((2, 5), 0.9, jnp.float16),
+        "bootstrap_value": jnp.asarray(rng.normal(size=2), jnp.bfloat16),
+        "mask": rng.integers(0, 2, size=(2, 5)).astype(np.int8),
+    }
+    out = call(kernel, inputs)
+    assert out.dtype == jnp.float32
+    as_f32 = {key: np.asarray(value, np.float32) for key, value in inputs.items()}
+    np.testing.assert_allclose(out, call(reference, as_f32), **TOL)
+
+
+class JitTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*((name, name) for name in KERNEL_NAMES))
+    def test_jit_equals_no_jit(self, name):
+        kernel, reference = KERNELS[name]
+        inputs = make_episode((3, 6), seed=10)
+        out = self.variant(lambda inputs: call(kernel, inputs))(inputs)
+        np.testing.assert_allclose(out, call(reference, inputs), **TOL)
+
+
+@pytest.mark.parametrize("method", ["scan", "associative"])
+def test_second_call_with_same_shapes_does_not_retrace(method):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def targets(inputs, lambda_):
+        return call(vf.gae, inputs, lambda_, method=method), call(vf.n_step_targets, inputs, 3)
+
+    first = targets(make_episode((3, 6), seed=0), 0.9)
+    second = targets(make_episode((3, 6), seed=1), 0.5)
+    assert not np.allclose(first[1], second[1])
+    chex.clear_trace_counter()
+
+
+# Bad input.
+
+GOOD = make_episode((3, 5), seed=0)
+BAD_INPUTS = [
+    ("td_targets", {"values": np.zeros((3, 4))}, "values"),
+    ("td_targets", {"values": np.zeros(5)}, "values"),
+    ("td_targets", {"values": np.zeros((3, 5), np.complex64)}, "values"),
+    ("td_targets", {"rewards": np.zeros((3, 5), bool)}, "rewards"),
+    ("td_targets", {"rewards": np.zeros((3, 5), np.complex64)}, "rewards"),
+    ("td_targets", {"rewards": np.float32(1.0), "values": np.float32(1.0)}, "rewards"),
+    ("td_targets", {"bootstrap_value": np.zeros((3, 1))}, "bootstrap_value"),
+    ("td_targets", {"bootstrap_value": np.zeros((3, 5))}, "bootstrap_value"),
+    ("td_targets", {"bootstrap_value": np.zeros(3, np.complex64)}, "bootstrap_value"),
+    ("td_targets", {"discounts": np.zeros(4)}, "discounts"),
+    ("td_targets", {"discounts": np.zeros((2, 3, 5))}, "discounts"),
+    ("td_targets", {"discounts": np.ones((3, 5), bool)}, "discounts"),
+    ("td_targets", {"mask": np.ones((3, 4), bool)}, "mask"),
+    ("td_targets", {"mask": np.ones((2, 3, 5), bool)}, "mask"),
+    ("td_targets", {"mask": np.ones((3, 5), np.complex64)}, "mask"),
+    ("td_targets", {"truncated": np.zeros((5, 3), bool)}, "truncated"),
+    ("td_targets", {"final_values": np.zeros((3, 4))}, "final_values"),
+    ("td_targets", {"final_values": None}, "final_values"),
+    ("td_errors", {"values": np.zeros((3, 6))}, "values"),
+    ("n_step_targets", {"n": 0}, "n"),
+    ("n_step_targets", {"n": -2}, "n"),
+    ("n_step_targets", {"n": 2.0}, "n"),
+    ("n_step_targets", {"n": True}, "n"),
+    ("n_step_targets", {"mask": np.ones(4, bool)}, "mask"),
+    ("lambda_returns", {"lambda_": -0.1}, "lambda_"),
+    ("lambda_returns", {"lambda_": 1.5}, "lambda_"),
+    ("lambda_returns", {"lambda_": float("nan")}, "lambda_"),
+    ("lambda_returns", {"method": "fast"}, "method"),
+    ("gae", {"lambda_": 2.0}, "lambda_"),
+    ("gae", {"lambda_": np.full((3, 4), 0.5)}, "lambda_"),
+    ("gae", {"method": "parallel"}, "method"),
+    ("gae", {"bootstrap_value": np.zeros(4)}, "bootstrap_value"),
+    ("discounted_returns", {"method": "loop"}, "method"),
+    ("discounted_returns", {"rewards": np.zeros((3, 5), bool)}, "rewards"),
+    ("discounted_returns", {"truncated": np.zeros((3, 6), bool)}, "truncated"),
+]
+EXTRA_ARGS = {
+    "n_step_targets": {"n": 2},
+    "lambda_returns": {"lambda_": 0.9},
+    "gae": {"lambda_": 0.9},
+}
+
+
+@pytest.mark.parametrize(("name", "changes", "argument"), BAD_INPUTS)
+def test_bad_input_raises_value_error_naming_the_argument(name, changes, argument):
+    kwargs = {**GOOD, **EXTRA_ARGS.get(name, {}), **changes}
+    if name == "discounted_returns":
+        del kwargs["values"]
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        getattr(vf, name)(**kwargs)
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5])
+def test_discount_factor_outside_unit_interval_raises(gamma):
+    with pytest.raises(ValueError, match=r"\bgamma\b"):
+        vf.discounts(gamma, np.zeros(3, bool))
