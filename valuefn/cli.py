@@ -4,42 +4,103 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
-def _demo(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """A bad flag or config file: reported on one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _read_config(args: argparse.Namespace):
+    from valuefn.job import config_from_dict
+
+    values = {}
+    if args.config is not None:
+        try:
+            values = tomllib.loads(Path(args.config).read_text())
+        except OSError as err:
+            raise UsageError(f"cannot read config file {args.config}: {err.strerror}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"config file {args.config} is not valid TOML: {err}") from err
+    for name in ("iterations", "seed", "gamma", "lam"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    try:
+        return config_from_dict(values)
+    except ValueError as err:
+        raise UsageError(f"{args.config or 'flags'}: {err}") from err
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _read_config(args)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if args.resume and not (out / "checkpoint").exists():
+        raise UsageError(f"--resume: no checkpoint in {out} (pass the --out of the run)")
+
     import jax
-    import numpy as np
 
-    import valuefn
+    from valuefn import distributed, job, report
 
-    key_r, key_v = jax.random.split(jax.random.key(args.seed))
-    rewards = jax.random.normal(key_r, (4, 16))
-    values = jax.random.normal(key_v, (4, 16))
-    terminated = np.zeros((4, 16), bool)
-    terminated[:, 7] = True
-    discounts = valuefn.discounts(0.99, terminated)
-    advantages, returns = valuefn.gae(rewards, values, discounts, values[:, -1], 0.95)
-    loss = valuefn.value_loss(values, returns)
-    np.set_printoptions(precision=3, suppress=True, linewidth=120)
-    print(f"backend: {jax.default_backend()}")
-    print("GAE advantages, first row:\n", np.asarray(advantages[0]))
-    print("lambda-returns, first row:\n", np.asarray(returns[0]))
-    print(f"value loss 0.5*(V - G)^2 averaged over tokens: {float(loss):.4f}")
+    mesh = None
+    if args.distributed:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if args.distributed or args.fsdp > 1 or jax.device_count() > 1:
+        mesh = distributed.make_mesh(fsdp=args.fsdp)
+    print(
+        f"valuefn train: {config.iterations} iterations of {config.batch_size} dialogues "
+        f"on {jax.device_count()} {jax.default_backend()} device(s); writing to {out}"
+    )
+    metrics = job.run(config, out, resume=args.resume, mesh=mesh, show_progress=not args.quiet)
+    if jax.process_index() == 0 and metrics:
+        report.print_summary(metrics, out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="valuefn", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="compute GAE targets and a value loss on random data")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    parser = _Parser(prog="valuefn", description="Value functions for RL and RLHF in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train", help="train a critic on the built-in multi-turn dialogue task"
+    )
+    train.add_argument("--iterations", type=int, help="training iterations")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--gamma", type=float, help="per-token discount")
+    train.add_argument("--lam", type=float, help="GAE lambda")
+    train.add_argument("--out", help="output directory (default runs/<timestamp>)")
+    train.add_argument("--config", help="TOML file with TrainConfig fields ([critic], [task])")
+    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    scale = train.add_argument_group("scaling out (see README, 'Scaling out')")
+    scale.add_argument("--fsdp", type=int, default=1, help="size of the mesh's fsdp axis")
+    scale.add_argument(
+        "--distributed", action="store_true", help="start jax.distributed (several hosts)"
+    )
+    scale.add_argument("--coordinator-address", help="host:port of process 0")
+    scale.add_argument("--num-processes", type=int, help="processes in the job")
+    scale.add_argument("--process-id", type=int, help="this process's index")
+    train.set_defaults(run=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except UsageError as err:
+        print(f"valuefn: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+"""Weak scaling of the update step over 1, 2, 4 and 8 devices.
+
+Run from the repository root: python -m benchmarks.bench_scaling [--quick]
+
+The benchmark is :mod:`valuefn.bench.scaling`; this runs it with the machine's
+limits and prints its table (``valuefn bench`` runs the whole suite).
+"""
+
+import sys
+
+from valuefn.bench.suite import main
+
+if __name__ == "__main__":
+    argv = ["--only", "scaling", "--no-save", *sys.argv[1:]]
+    sys.exit(main(argv, prog="python -m benchmarks.bench_scaling"))

@@ -1,0 +1,184 @@
+"""The training iteration and the ``valuefn train`` command on a tiny dialogue task."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import valuefn
+from valuefn import cli, job
+from valuefn.envs import DialogueConfig
+from valuefn.train import init_train_state
+
+TINY_TASK = DialogueConfig(
+    vocab_size=12,
+    prompt_length=4,
+    num_turns=2,
+    turn_length=4,
+    user_length=2,
+    turn_weights=(1.0, 0.5),
+    hidden_size=8,
+)
+TINY = job.TrainConfig(
+    iterations=3,
+    batch_size=16,
+    num_epochs=2,
+    num_minibatches=2,
+    learning_rate=3e-3,
+    checkpoint_every=2,
+    critic=job.CriticConfig(d_model=16, num_layers=1, num_heads=2),
+    task=TINY_TASK,
+)
+TINY_TOML = """
+iterations = 3
+batch_size = 16
+num_epochs = 2
+num_minibatches = 2
+checkpoint_every = 2
+
+[critic]
+d_model = 16
+num_layers = 1
+num_heads = 2
+
+[task]
+vocab_size = 12
+prompt_length = 4
+num_turns = 2
+turn_length = 4
+user_length = 2
+turn_weights = [1.0, 0.5]
+hidden_size = 8
+"""
+
+
+def test_sequence_layout_inverts_response_values():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(3, 5)).astype(np.float32)
+    mask = rng.random((3, 5)) > 0.3
+    placed = job.to_sequence_layout(jnp.asarray(values), prompt_length=4)
+    assert placed.shape == (3, 9)
+    aligned, _ = valuefn.response_values(placed, 4, mask)
+    np.testing.assert_array_equal(aligned, np.where(mask, values, 0.0))
+
+
+def make_iteration(config):
+    optimizer = job.make_optimizer(config)
+    graphdef, state = init_train_state(job.make_critic(config), optimizer)
+    return jax.jit(job.make_iteration(config, graphdef, optimizer)), state
+
+
+def test_iteration_improves_explained_variance():
+    iteration, state = make_iteration(TINY)
+    evs = []
+    for i in range(25):
+        state, metrics = iteration(state, jax.random.key(i))
+        evs.append(float(metrics["explained_variance"]))
+    assert np.all(np.isfinite(evs))
+    assert np.mean(evs[-5:]) > np.mean(evs[:3]) + 0.2, evs
+
+
+def test_iteration_vmaps_over_seeds():
+    config = TINY
+    optimizer = job.make_optimizer(config)
+    graphdef, _ = init_train_state(job.make_critic(config), optimizer)
+    states = [
+        init_train_state(job.make_critic(dataclasses.replace(config, seed=s)), optimizer)[1]
+        for s in (0, 1)
+    ]
+    iteration = job.make_iteration(config, graphdef, optimizer)
+    keys = jax.random.split(jax.random.key(7), 2)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    batched, batched_metrics = jax.jit(jax.vmap(iteration))(stacked, keys)
+    for s in (0, 1):
+        single, single_metrics = jax.jit(iteration)(states[s], keys[s])
+        np.testing.assert_allclose(
+            batched_metrics["value_loss"][s], single_metrics["value_loss"], rtol=1e-4
+        )
+        for a, b in zip(
+            jax.tree.leaves(single.params),
+            jax.tree.leaves(jax.tree.map(lambda x, s=s: x[s], batched.params)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_command_writes_every_output(tmp_path, capsys):
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(TINY_TOML)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--config", str(config_file), "--out", str(out), "--quiet"])
+    assert code == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [1, 2, 3]
+    for key in (
+        "value_loss",
+        "explained_variance",
+        "clip_fraction",
+        "grad_norm",
+        "score_mean",
+    ):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    for name in ("curves.png", "value_by_turn.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "checkpoint").is_dir()
+    printed = capsys.readouterr().out
+    assert "Value against realised return by assistant turn" in printed
+
+
+def test_resume_continues_identically(tmp_path):
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(TINY_TOML)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["train", "--config", str(config_file), "--quiet"]
+    assert cli.main([*args, "--out", str(straight)]) == 0
+    assert cli.main([*args, "--iterations", "2", "--out", str(resumed)]) == 0
+    assert cli.main([*args, "--out", str(resumed), "--resume"]) == 0
+
+    def losses(path):
+        return [json.loads(line)["value_loss"] for line in (path / "metrics.jsonl").open()]
+
+    assert losses(resumed) == losses(straight)
+
+
+@pytest.mark.parametrize(
+    "argv_tail, contents, message",
+    [
+        (["--iterations", "many"], None, "invalid int"),
+        (["--gamma", "1.5"], None, "gamma"),
+        (["--bogus"], None, "unrecognized"),
+        ([], "iterations = [", "not valid TOML"),
+        ([], "learning_rat = 0.1", "learning_rat"),
+        ([], "[task]\nnum_turns = 0", "num_turns"),
+        ([], "num_minibatches = 5", "num_minibatches"),
+    ],
+)
+def test_bad_flags_and_config_exit_2_with_one_line(tmp_path, capsys, argv_tail, contents, message):
+    argv = ["train", "--out", str(tmp_path / "run"), *argv_tail]
+    if contents is not None:
+        config_file = tmp_path / "bad.toml"
+        config_file.write_text(contents)
+        argv += ["--config", str(config_file)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert cli.main(["train", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_undervalued_early_turns_are_reported():
+    from valuefn import report
+
+    metrics = {"value_by_turn": [0.1, 0.3, 1.0], "return_by_turn": [1.0, 1.0, 1.0]}
+    assert report.undervalued_turns(metrics) == [0, 1]
+    metrics = {"value_by_turn": [0.95, 1.02, 1.0], "return_by_turn": [1.0, 1.0, 1.0]}
+    assert report.undervalued_turns(metrics) == []
