@@ -288,12 +288,11 @@ def run(
         history = [json.loads(line) for line in lines[:start]]
     if mesh is not None:
         state = shard_state(state, mesh)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-
     iteration = jax.jit(make_iteration(config, graphdef, optimizer, mesh=mesh), donate_argnums=0)
     root_key = jax.random.key(config.seed)
     is_main = jax.process_index() == 0
     if is_main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         metrics_path.write_text("".join(json.dumps(line) + "\n" for line in history))
     with report.progress(config.iterations, start, enabled=show_progress and is_main) as advance:
         for i in range(start, config.iterations):
