@@ -7,6 +7,12 @@ from valuefn.losses import (
     masked_whiten,
     value_loss,
 )
+from valuefn.networks import (
+    MLPValue,
+    TransformerValue,
+    ValueHead,
+    count_parameters,
+)
 from valuefn.rlhf import (
     KLController,
     KLControllerState,
@@ -33,27 +39,49 @@ from valuefn.targets import (
     td_errors,
     td_targets,
 )
+from valuefn.train import (
+    Batch,
+    ReturnNormalizer,
+    ReturnStats,
+    TrainState,
+    init_train_state,
+    make_epochs_step,
+    make_update_step,
+    predict,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "Environment",
     "KLController",
     "KLControllerState",
+    "MLPValue",
+    "ReturnNormalizer",
+    "ReturnStats",
     "RolloutState",
+    "TrainState",
     "Trajectory",
+    "TransformerValue",
+    "ValueHead",
     "adaptive_kl_controller",
     "clip_fraction",
+    "count_parameters",
     "discounted_returns",
     "discounts",
     "explained_variance",
     "fixed_kl_controller",
     "gae",
+    "init_train_state",
     "kl_penalty",
     "lambda_returns",
+    "make_epochs_step",
+    "make_update_step",
     "masked_mean",
     "masked_whiten",
     "n_step_targets",
+    "predict",
     "reset_envs",
     "response_discounts",
     "response_values",

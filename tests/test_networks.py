@@ -1,0 +1,238 @@
+"""Value networks: shapes, zero-init heads, dtypes, and forward passes against NumPy."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import valuefn
+from valuefn.networks import Block
+
+VOCAB, D_MODEL, LAYERS, HEADS, MAX_LEN = 50, 32, 2, 4, 12
+
+
+def tiny_transformer(seed=0, **kwargs):
+    return valuefn.TransformerValue(
+        VOCAB,
+        d_model=D_MODEL,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        max_len=MAX_LEN,
+        rngs=nnx.Rngs(seed),
+        **kwargs,
+    )
+
+
+def randomise_head(model, seed=1):
+    """Gives the zero-initialised head random weights, so outputs depend on the body."""
+    rng = np.random.default_rng(seed)
+    model.head.kernel[...] = jnp.asarray(rng.normal(size=model.head.kernel.shape), jnp.float32)
+    model.head.bias[...] = jnp.asarray(rng.normal(size=(1,)), jnp.float32)
+
+
+@nnx.jit
+def run(model, inputs):
+    """The model's forward pass, compiled (eager op-by-op dispatch is slow)."""
+    return model(inputs)
+
+
+def tokens(batch=3, length=MAX_LEN, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (batch, length)), jnp.int32)
+
+
+def numpy_params(model):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model)))
+
+
+def numpy_layer_norm(x, p, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def numpy_gelu(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def numpy_linear(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def numpy_transformer(params, toks, num_heads):
+    """GPT-2 forward pass written from the paper's description, one head at a time."""
+    toks = np.asarray(toks)
+    length = toks.shape[1]
+    x = params["token_embed"]["embedding"][toks] + params["position_embed"]["embedding"][:length]
+    d_model = x.shape[-1]
+    head_dim = d_model // num_heads
+    for i in sorted(params["blocks"]):
+        p = params["blocks"][i]
+        h = numpy_layer_norm(x, p["ln_attn"])
+        qkv = numpy_linear(h, p["attn"]["qkv"])
+        q, k, v = np.split(qkv, 3, axis=-1)
+        heads = []
+        for head in range(num_heads):
+            cols = slice(head * head_dim, (head + 1) * head_dim)
+            scores = q[..., cols] @ np.swapaxes(k[..., cols], -1, -2) / math.sqrt(head_dim)
+            scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            heads.append(weights @ v[..., cols])
+        x = x + numpy_linear(np.concatenate(heads, -1), p["attn"]["out"])
+        h = numpy_gelu(numpy_linear(numpy_layer_norm(x, p["ln_mlp"]), p["fc"]))
+        x = x + numpy_linear(h, p["proj"])
+    x = numpy_layer_norm(x, params["ln_final"])
+    return numpy_linear(x, params["head"])[..., 0]
+
+
+def test_reference_config_has_3487489_parameters():
+    model = nnx.eval_shape(
+        lambda: valuefn.TransformerValue(
+            1024, d_model=256, num_layers=4, num_heads=4, max_len=256, rngs=nnx.Rngs(0)
+        )
+    )
+    d, vocab, length, layers = 256, 1024, 256, 4
+    per_block = (
+        2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    )
+    expected = vocab * d + length * d + layers * per_block + 2 * d + d + 1
+    assert expected == 3_487_489
+    shapes = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert sum(math.prod(x.shape) for x in shapes) == 3_487_489
+    assert valuefn.count_parameters(model) == 3_487_489
+
+
+def test_transformer_matches_numpy_gpt2_forward():
+    model = tiny_transformer()
+    randomise_head(model)
+    toks = tokens()
+    expected = numpy_transformer(numpy_params(model), toks, HEADS)
+    np.testing.assert_allclose(np.asarray(run(model, toks)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_transformer_is_causal():
+    model = tiny_transformer()
+    randomise_head(model)
+    toks = tokens(batch=1)
+    changed = toks.at[0, 5].set((toks[0, 5] + 1) % VOCAB)
+    before, after = np.asarray(run(model, toks)), np.asarray(run(model, changed))
+    np.testing.assert_array_equal(before[0, :5], after[0, :5])
+    assert np.all(np.abs(before[0, 5:] - after[0, 5:]) > 0)
+
+
+def test_shorter_sequences_use_the_first_positions():
+    model = tiny_transformer()
+    randomise_head(model)
+    toks = tokens()
+    np.testing.assert_allclose(
+        np.asarray(run(model, toks[:, :7])),
+        np.asarray(run(model, toks))[:, :7],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_zero_init_heads_predict_zero():
+    features = jnp.ones((2, 5, 3))
+    mlp = valuefn.MLPValue(3, (16, 16), rngs=nnx.Rngs(0))
+    backbone = nnx.Linear(3, 8, rngs=nnx.Rngs(0))
+    head = valuefn.ValueHead(backbone, 8, rngs=nnx.Rngs(0))
+    for model, inputs in [(mlp, features), (head, features), (tiny_transformer(), tokens())]:
+        values = run(model, inputs)
+        assert values.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(values), 0.0)
+        np.testing.assert_array_equal(np.asarray(model.head.kernel[...]), 0.0)
+        np.testing.assert_array_equal(np.asarray(model.head.bias[...]), 0.0)
+    assert mlp(features).shape == (2, 5)
+    assert mlp(features[0, 0]).shape == ()
+
+
+def test_mlp_matches_numpy():
+    model = valuefn.MLPValue(3, (8, 4), rngs=nnx.Rngs(0))
+    randomise_head(model)
+    x = np.random.default_rng(2).normal(size=(6, 3)).astype(np.float32)
+    p = numpy_params(model)
+    h = x.astype(np.float64)
+    for i in sorted(p["layers"]):
+        h = np.tanh(numpy_linear(h, p["layers"][i]))
+    expected = numpy_linear(h, p["head"])[..., 0]
+    np.testing.assert_allclose(
+        np.asarray(run(model, jnp.asarray(x))), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_value_head_on_own_backbone_matches_numpy():
+    backbone = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), jax.nn.relu)
+    model = valuefn.ValueHead(backbone, 8, rngs=nnx.Rngs(0))
+    randomise_head(model)
+    x = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
+    p = numpy_params(model)
+    h = np.maximum(numpy_linear(x, p["backbone"]["layers"][0]), 0)
+    expected = numpy_linear(h, p["head"])[..., 0]
+    np.testing.assert_allclose(
+        np.asarray(run(model, jnp.asarray(x))), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_bf16_body_computes_in_bf16_with_float32_head():
+    model = tiny_transformer(dtype=jnp.bfloat16)
+    randomise_head(model)
+    toks = tokens()
+    values = run(model, toks)
+    assert values.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(values)))
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    jaxpr = str(jax.make_jaxpr(model)(toks))
+    assert "bf16" in jaxpr
+    block_out = Block(D_MODEL, HEADS, num_layers=LAYERS, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(
+        jnp.ones((1, 4, D_MODEL), jnp.bfloat16)
+    )
+    assert block_out.dtype == jnp.bfloat16
+    f32 = tiny_transformer()
+    randomise_head(f32)
+    np.testing.assert_allclose(np.asarray(values), np.asarray(run(f32, toks)), rtol=0.05, atol=0.05)
+
+
+def test_remat_gives_the_same_values_and_gradients():
+    toks = tokens()
+    results = []
+    for remat in (False, True):
+        model = tiny_transformer(remat=remat)
+        randomise_head(model)
+        graphdef, params = nnx.split(model)
+
+        def loss(params, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, params)(toks) ** 2)
+
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    (loss_plain, grads_plain), (loss_remat, grads_remat) = results
+    np.testing.assert_allclose(loss_plain, loss_remat, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        grads_plain,
+        grads_remat,
+    )
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    with pytest.raises(ValueError, match="num_heads"):
+        valuefn.TransformerValue(
+            10, d_model=30, num_layers=1, num_heads=4, max_len=8, rngs=nnx.Rngs(0)
+        )
+    with pytest.raises(ValueError, match="max_len"):
+        tiny_transformer()(jnp.zeros((1, MAX_LEN + 1), jnp.int32))
+    with pytest.raises(ValueError, match="tokens"):
+        tiny_transformer()(jnp.zeros((1, 4)))
+    with pytest.raises(ValueError, match="x must have shape"):
+        valuefn.MLPValue(3, (4,), rngs=nnx.Rngs(0))(jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        valuefn.MLPValue(3, (4, 0), rngs=nnx.Rngs(0))
+    head = valuefn.ValueHead(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), 6, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="hidden_size"):
+        head(jnp.ones((2, 3)))

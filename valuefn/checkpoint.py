@@ -1,0 +1,116 @@
+"""Save and restore a :class:`valuefn.TrainState` with Orbax, numbered by training step.
+
+A checkpoint directory holds one subdirectory per saved step (``<directory>/<step>``),
+each with every array of the state (step counter, parameters, optimiser state,
+return statistics) stored exactly, so training resumed from it continues bit for
+bit as if it had not stopped. Restoring needs a ``target`` of the same structure,
+e.g. a freshly initialised state: it fixes the pytree types (the NamedTuples of
+the optimiser state), the dtypes and, when the state is sharded, the shardings.
+
+Usage::
+
+    checkpoint.save("runs/critic/checkpoint", state, step=100)
+    state, step = checkpoint.restore("runs/critic/checkpoint", target=fresh_state)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from valuefn.train import TrainState
+
+
+def _directory(directory: str | os.PathLike) -> pathlib.Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    return pathlib.Path(directory).expanduser().resolve()
+
+
+def _check_state(name: str, state: TrainState) -> None:
+    if not isinstance(state, TrainState):
+        raise ValueError(f"{name} must be a valuefn.TrainState, got {type(state).__name__}")
+
+
+def _manager(directory: pathlib.Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(
+    directory: str | os.PathLike,
+    state: TrainState,
+    step: int,
+    *,
+    max_to_keep: int | None = 3,
+) -> pathlib.Path:
+    """Writes ``state`` as checkpoint ``step`` under ``directory`` and waits until it is on disk.
+
+    Args:
+      directory: the run's checkpoint directory (created if missing; relative
+        paths are resolved against the working directory).
+      state: the :class:`TrainState` to save; it stays usable afterwards.
+      step: the number to save it under, an int >= 0 (e.g. iterations done); an
+        existing checkpoint with that number is replaced.
+      max_to_keep: keep only this many most recent checkpoints (None: all).
+
+    Returns:
+      The absolute path of the checkpoint directory.
+    """
+    _check_state("state", state)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if max_to_keep is not None and max_to_keep < 1:
+        raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep!r}")
+    directory = _directory(directory)
+    with _manager(directory, max_to_keep) as manager:
+        if step in manager.all_steps():
+            manager.delete(step)
+        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+    return directory
+
+
+def restore(
+    directory: str | os.PathLike, target: TrainState, step: int | None = None
+) -> tuple[TrainState, int]:
+    """Reads a :class:`TrainState` saved by :func:`save`.
+
+    Args:
+      directory: the run's checkpoint directory.
+      target: a state of the same structure (e.g. from
+        :func:`valuefn.init_train_state`), with concrete arrays or
+        ``jax.ShapeDtypeStruct`` leaves; its dtypes and shardings are used.
+      step: which checkpoint; None for the latest.
+
+    Returns:
+      ``(state, step)``: the saved state with ``target``'s pytree structure, and
+      the number it was saved under.
+    """
+    _check_state("target", target)
+    directory = _directory(directory)
+    if not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} does not exist")
+    with _manager(directory) as manager:
+        steps = manager.all_steps()
+        if step is None:
+            if not steps:
+                raise ValueError(f"directory {str(directory)!r} holds no checkpoint")
+            step = max(steps)
+        elif step not in steps:
+            raise ValueError(f"no checkpoint for step {step!r} in {str(directory)!r}; has {steps}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return state, step
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The number of the newest checkpoint under ``directory``, or None if there is none."""
+    directory = _directory(directory)
+    if not directory.is_dir():
+        return None
+    with _manager(directory) as manager:
+        return manager.latest_step()

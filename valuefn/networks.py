@@ -1,0 +1,295 @@
+"""Value networks in Flax NNX: an MLP, a GPT-2-style transformer, and a head for your own backbone.
+
+Every network maps inputs to one scalar value per position and ends in the same
+value head: a ``Linear(hidden, 1)`` with float32 parameters, computed in float32
+whatever dtype the body runs in, and initialised to zero weight and bias so the
+critic predicts exactly 0 before training. The head is the attribute ``head``,
+which is where :mod:`valuefn.train` finds it for the PopArt rescale.
+
+Parameters are float32 in every network; ``dtype`` sets only the dtype of the
+body's computation (e.g. ``jnp.bfloat16``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+# GPT-2 initialisation: N(0, 0.02) weights and embeddings, zero biases; the
+# projections back into the residual stream are scaled by 1/sqrt(2 * num_layers).
+_INIT_STD = 0.02
+_LAYER_NORM_EPS = 1e-5
+
+
+def _zero_head(in_features: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        1,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.zeros_init(),
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+def _apply_head(head: nnx.Linear, features: Array) -> Array:
+    """``features [..., H] -> values [...]`` in float32."""
+    return head(features.astype(jnp.float32))[..., 0]
+
+
+def _check_features(name: str, x: Array, features: int) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != features:
+        raise ValueError(f"{name} must have shape [..., {features}], got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+class MLPValue(nnx.Module):
+    """Multi-layer perceptron critic ``[..., F] -> [...]``.
+
+    ``V(x) = w^T h_L(x) + b`` with ``h_l = activation(W_l h_{l-1} + b_l)``,
+    ``h_0 = x``; the head ``(w, b)`` starts at zero.
+
+    Args:
+      in_features: size ``F`` of the last input axis.
+      hidden_sizes: widths of the hidden layers (may be empty: a linear critic).
+      activation: elementwise nonlinearity between layers.
+      dtype: computation dtype of the hidden layers; the head is float32.
+      rngs: random streams for the initialisation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes: Sequence[int],
+        *,
+        activation: Callable[[Array], Array] = jax.nn.tanh,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features!r}")
+        if any(size < 1 for size in hidden_sizes):
+            raise ValueError(f"hidden_sizes must all be >= 1, got {tuple(hidden_sizes)!r}")
+        self.in_features = in_features
+        self.activation = activation
+        sizes = (in_features, *hidden_sizes)
+        self.layers = nnx.List(
+            [
+                nnx.Linear(n_in, n_out, dtype=dtype, rngs=rngs)
+                for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+            ]
+        )
+        self.head = _zero_head(sizes[-1], rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """``x [..., F]`` float -> values ``[...]`` float32."""
+        x = _check_features("x", x, self.in_features)
+        for layer in self.layers:
+            x = self.activation(layer(x))
+        return _apply_head(self.head, x)
+
+
+class ValueHead(nnx.Module):
+    """A zero-initialised float32 value head on a user's own NNX backbone.
+
+    ``V(inputs) = w^T backbone(inputs) + b``; ``backbone(*args, **kwargs)`` must
+    return features ``[..., hidden_size]`` and the result is ``[...]`` float32.
+
+    Args:
+      backbone: any callable NNX module (its parameters are trained with the head).
+      hidden_size: size of the backbone's last output axis.
+      rngs: random streams (the head itself starts at zero).
+    """
+
+    def __init__(self, backbone: nnx.Module, hidden_size: int, *, rngs: nnx.Rngs):
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size!r}")
+        self.backbone = backbone
+        self.hidden_size = hidden_size
+        self.head = _zero_head(hidden_size, rngs)
+
+    def __call__(self, *args, **kwargs) -> Array:
+        """Backbone inputs -> values ``[...]`` float32."""
+        features = self.backbone(*args, **kwargs)
+        if features.ndim < 1 or features.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"backbone output must have shape [..., {self.hidden_size}] (hidden_size), "
+                f"got {features.shape}"
+            )
+        return _apply_head(self.head, features)
+
+
+def _gpt2_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    num_layers: int | None = None,
+    dtype: Any,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """A Linear with N(0, 0.02) weights; with ``num_layers``, a projection into the
+    residual stream, whose weights are scaled by ``1 / sqrt(2 * num_layers)``."""
+    std = _INIT_STD if num_layers is None else _INIT_STD / math.sqrt(2 * num_layers)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        kernel_init=nnx.initializers.normal(std),
+        rngs=rngs,
+    )
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head causal self-attention ``[B, T, D] -> [B, T, D]`` with a fused QKV projection.
+
+    ``softmax(Q K^T / sqrt(D/H) + causal) V`` per head; the softmax runs in float32.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, *, num_layers: int, dtype: Any, rngs: nnx.Rngs
+    ):
+        self.num_heads = num_heads
+        self.qkv = _gpt2_linear(d_model, 3 * d_model, dtype=dtype, rngs=rngs)
+        self.out = _gpt2_linear(d_model, d_model, num_layers=num_layers, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        batch, length, d_model = x.shape
+        head_dim = d_model // self.num_heads
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        scores = jnp.where(causal, scores / math.sqrt(head_dim), -jnp.inf)
+        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.out(attended.reshape(batch, length, d_model))
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``.
+
+    The MLP is ``Linear(D, 4D) -> GELU (tanh form) -> Linear(4D, D)``.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, *, num_layers: int, dtype: Any, rngs: nnx.Rngs
+    ):
+        self.ln_attn = nnx.LayerNorm(d_model, epsilon=_LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
+        self.attn = CausalSelfAttention(
+            d_model, num_heads, num_layers=num_layers, dtype=dtype, rngs=rngs
+        )
+        self.ln_mlp = nnx.LayerNorm(d_model, epsilon=_LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
+        self.fc = _gpt2_linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs)
+        self.proj = _gpt2_linear(
+            4 * d_model, d_model, num_layers=num_layers, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = x + self.attn(self.ln_attn(x))
+        return x + self.proj(jax.nn.gelu(self.fc(self.ln_mlp(x)), approximate=True))
+
+
+def _run_block(block: Block, x: Array) -> Array:
+    return block(x)
+
+
+class TransformerValue(nnx.Module):
+    """GPT-2-style causal transformer critic: tokens ``[B, T]`` -> values ``[B, T]``.
+
+    ``h_0 = E[tokens] + P[0:T]``; ``num_layers`` pre-LayerNorm blocks of causal
+    multi-head self-attention and a GELU MLP of width ``4 * d_model``; a final
+    LayerNorm; then the float32 zero-initialised head ``Linear(d_model, 1)``.
+    ``values[b, t]`` depends on ``tokens[b, :t + 1]`` only. Every Linear has a
+    bias; at vocab 1024, d_model 256, 4 layers, 4 heads, max_len 256 this is
+    3,487,489 parameters, as in the same model written in PyTorch.
+
+    Args:
+      vocab_size: number of token ids.
+      d_model: residual width, divisible by ``num_heads``.
+      num_layers: number of blocks.
+      num_heads: attention heads per block.
+      max_len: longest sequence (number of learned positions).
+      dtype: computation dtype of the body (e.g. ``jnp.bfloat16``); parameters,
+        LayerNorm statistics, softmax and the head stay float32.
+      remat: recompute each block's activations in the backward pass instead of
+        storing them (``nnx.remat``), for long sequences.
+      rngs: random streams for the initialisation.
+
+    References:
+      Radford et al., Language Models are Unsupervised Multitask Learners, 2019.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        max_len: int,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        for name, value in [
+            ("vocab_size", vocab_size),
+            ("d_model", d_model),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("max_len", max_len),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.vocab_size = vocab_size
+        self.max_len = max_len
+        self.dtype = dtype
+        self.remat = remat
+        init = nnx.initializers.normal(_INIT_STD)
+        self.token_embed = nnx.Embed(
+            vocab_size, d_model, dtype=dtype, embedding_init=init, rngs=rngs
+        )
+        self.position_embed = nnx.Embed(
+            max_len, d_model, dtype=dtype, embedding_init=init, rngs=rngs
+        )
+        self.blocks = nnx.List(
+            [
+                Block(d_model, num_heads, num_layers=num_layers, dtype=dtype, rngs=rngs)
+                for _ in range(num_layers)
+            ]
+        )
+        self.ln_final = nnx.LayerNorm(d_model, epsilon=_LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
+        self.head = _zero_head(d_model, rngs)
+
+    def __call__(self, tokens: Array) -> Array:
+        """``tokens [B, T]`` integer ids, ``T <= max_len`` -> values ``[B, T]`` float32."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.max_len:
+            raise ValueError(
+                f"tokens must have shape [B, T] with 1 <= T <= max_len={self.max_len}, "
+                f"got {tokens.shape}"
+            )
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+        x = self.token_embed(tokens) + self.position_embed(jnp.arange(tokens.shape[1]))
+        run_block = nnx.remat(_run_block) if self.remat else _run_block
+        for block in self.blocks:
+            x = run_block(block, x)
+        return _apply_head(self.head, self.ln_final(x))
+
+
+def count_parameters(model: nnx.Module) -> int:
+    """Total number of scalar parameters (``nnx.Param`` entries) in ``model``."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
