@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--num-processes", type=int, help="processes in the job")
     scale.add_argument("--process-id", type=int, help="this process's index")
     train.set_defaults(run=_train)
+
+    from valuefn.bench import suite
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmark suite: print one table, write the results as JSON"
+    )
+    suite.add_arguments(bench)
+    bench.set_defaults(run=suite.run_cli)
     return parser
 
 

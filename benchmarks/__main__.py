@@ -1,0 +1,10 @@
+"""Runs the whole benchmark suite: ``python -m benchmarks [--quick] [--only ...] [--out DIR]``.
+
+The same as ``valuefn bench``; the benchmarks live in :mod:`valuefn.bench`.
+"""
+
+import sys
+
+from valuefn.bench.suite import main
+
+sys.exit(main(prog="python -m benchmarks"))

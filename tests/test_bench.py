@@ -1,0 +1,94 @@
+"""The benchmark suite: ``valuefn bench --quick`` runs every benchmark and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from valuefn import cli
+from valuefn.bench import hardware, suite, targets
+from valuefn.bench.figures import Figure, Timing, measure_many
+
+
+def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
+    # Its own process: the scaling benchmark needs JAX to start afresh, and a lower
+    # XLA optimisation level halves the compile times that dominate a quick run.
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    command = [sys.executable, "-m", "valuefn.cli", "bench", "--quick", "--out", str(tmp_path)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    [path] = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    assert path.name == f"{results['machine']['backend']}-{results['date'][:10]}-quick.json"
+    assert results["quick"] is True
+    assert results["errors"] == {}
+    assert results["command"].startswith("valuefn bench --quick")
+    assert set(results["benchmarks"]) == set(suite.BENCHMARKS)
+    assert {"backend", "device_kind", "device_count", "cpu_count"} <= set(results["machine"])
+    assert results["versions"]["jax"] and results["versions"]["valuefn"]
+    assert set(results["limits"]) == {hardware.MEMORY, *hardware.MATMUL.values()}
+    assert all(rate > 0 for rate in results["limits"].values())
+
+    ran = {f["benchmark"] for f in results["figures"]}
+    assert ran == set(suite.BENCHMARKS) - set(results["skipped"])
+    for figure in results["figures"]:
+        assert figure["unit"] in ("s", "bytes")
+        assert 0 < figure["min"] <= figure["median"] <= figure["max"]
+        if figure["baseline"] is not None:
+            assert figure["baseline"]["median"] > 0
+            assert figure["ratio"] == pytest.approx(figure["baseline"]["median"] / figure["median"])
+        if figure["floor"] is not None:
+            assert figure["floor"]["limit"] in results["limits"]
+            assert figure["floor"]["fraction"] > 0
+    gae = [f for f in results["figures"] if f["name"].startswith("gae auto ")]
+    assert gae and all(f["baseline"] and f["floor"] for f in gae)
+    assert "figure" in run.stdout and "vs baseline" in run.stdout
+
+
+def test_unknown_benchmark_is_a_usage_error(capsys):
+    assert cli.main(["bench", "--only", "targets,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_only_runs_hardware_first_then_in_suite_order():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--only", "scaling,targets"])
+    assert args.only == ["hardware", "targets", "scaling"]
+
+
+def test_gae_without_torch_or_rlax_is_compared_with_the_numpy_loop():
+    figures = targets.compare_shape(2, 16, repeats=1, torch=None, rlax=None)
+    names = [f.name for f in figures]
+    assert names[0] == "gae numpy loop 2x16"
+    assert all(f.baseline == "numpy loop 2x16" for f in figures[1:])
+    assert all(f.floor_work == targets.gae_bytes(2, 16) for f in figures[1:])
+
+
+def test_floor_fraction_is_the_floor_time_over_the_measured_time():
+    rates = hardware.limits(
+        [Figure(f"{hardware.MEMORY} (copy)", 2.0, 1.0, 3.0, work=10.0, work_unit="B")]
+    )
+    assert rates == {hardware.MEMORY: 10.0}  # the best repeat: 10 B in 1 s
+    figure = Figure("kernel", 4.0, 4.0, 4.0, floor=hardware.MEMORY, floor_work=20.0)
+    assert hardware.floor_fraction(figure, rates) == pytest.approx(0.5)  # 2 s of 4 s
+
+
+def test_measure_many_times_every_function_each_round():
+    calls = []
+    timings = measure_many(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
+    )
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert all(isinstance(t, Timing) and t.repeats == 3 for t in timings.values())
+
+
+def test_transformer_flops_counts_three_passes_for_training():
+    shape = dict(d_model=8, num_layers=2, seq_len=4, tokens=10)
+    forward = (24 * 2 * 8**2 + 4 * 2 * 4 * 8) * 10
+    assert hardware.transformer_flops(**shape, training=False) == forward
+    assert hardware.transformer_flops(**shape) == 3 * forward

@@ -1,0 +1,124 @@
+"""Figures, timing and the table shared by every benchmark of the suite."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+
+class Timing(NamedTuple):
+    median: float  # seconds
+    min: float
+    max: float
+    repeats: int
+
+
+class Figure(NamedTuple):
+    """One measured figure of the suite.
+
+    Every unit the suite uses (seconds, bytes) is lower-is-better, so
+    ``ratio = baseline_median / median`` is a speed-up: above 1 the figure beats
+    its baseline.
+
+    Attributes:
+      name: what was measured, with its shape, e.g. ``"gae auto 256x4096"``.
+      median, min, max: over the repeats, in ``unit``.
+      unit: ``"s"`` or ``"bytes"``.
+      baseline: what the figure is compared with, or None.
+      baseline_median: the baseline's median, in ``unit``, measured in the same run.
+      work: how much one call processes (tokens, steps, bytes, FLOPs), for a rate.
+      work_unit: the unit of ``work``.
+      floor: the hardware limit the figure is held against, a figure name of
+        :mod:`valuefn.bench.hardware` (``"memory bandwidth"``, ``"matmul float32"``,
+        ``"matmul bfloat16"``), or None.
+      floor_work: the bytes that must move or the FLOPs that must run in one call.
+    """
+
+    name: str
+    median: float
+    min: float
+    max: float
+    unit: str = "s"
+    baseline: str | None = None
+    baseline_median: float | None = None
+    work: float | None = None
+    work_unit: str | None = None
+    floor: str | None = None
+    floor_work: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """``baseline_median / median``: the speed-up over the baseline."""
+        if self.baseline_median is None:
+            return None
+        return self.baseline_median / self.median
+
+    @property
+    def rate(self) -> float | None:
+        """``work / median``: e.g. tokens per second."""
+        return None if self.work is None else self.work / self.median
+
+
+def timed(
+    name: str,
+    timing: Timing,
+    *,
+    against: tuple[str, Timing] | None = None,
+    **fields,
+) -> Figure:
+    """A figure in seconds from a :class:`Timing`, compared ``against`` a named timing."""
+    if against is not None:
+        fields.update(baseline=against[0], baseline_median=against[1].median)
+    return Figure(name, timing.median, timing.min, timing.max, "s", **fields)
+
+
+def _wall_time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def measure(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1) -> Timing:
+    """Wall time of ``fn()`` with results blocked on, after ``warmup`` untimed calls."""
+    return measure_many({"": fn}, repeats=repeats, warmup=warmup)[""]
+
+
+def measure_many(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1
+) -> dict[str, Timing]:
+    """Wall times of several functions, taken in turn: one call of each per round.
+
+    On a machine shared with other work the load changes from second to second;
+    interleaving puts the same load on every function, so their ratios hold even
+    when the absolute times wander.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_wall_time(fn))
+    return {
+        name: Timing(statistics.median(t), min(t), max(t), repeats) for name, t in times.items()
+    }
+
+
+def format_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    lines = [line(row) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""One whole training iteration of ``valuefn train``, end to end.
+
+The job's jitted iteration (:func:`valuefn.job.make_iteration`) with its
+default settings: sample a batch of dialogues, per-token KL and rewards, the
+critic's values, GAE targets, then epochs x minibatches of update steps, all
+in one call. Its floor is the critic's model FLOPs (one forward pass over the
+batch for the values, and a training pass per epoch) over the float32 matmul
+rate; sampling the dialogues is not counted, so the fraction also shows how
+much of the iteration is not the critic's matrix work.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import valuefn
+from valuefn import job
+from valuefn.bench.figures import Figure, measure, timed
+from valuefn.bench.hardware import MATMUL, transformer_flops
+
+QUICK = job.TrainConfig(
+    batch_size=8,
+    num_epochs=1,
+    num_minibatches=2,
+    critic=job.CriticConfig(d_model=16, num_layers=1, num_heads=2),
+)
+
+
+def iteration_flops(config: job.TrainConfig) -> float:
+    shape = dict(
+        d_model=config.critic.d_model,
+        num_layers=config.critic.num_layers,
+        seq_len=config.task.length,
+        tokens=config.batch_size * config.task.length,
+    )
+    return transformer_flops(**shape, training=False) + config.num_epochs * transformer_flops(
+        **shape
+    )
+
+
+def run(quick: bool) -> list[Figure]:
+    config = QUICK if quick else job.TrainConfig()
+    optimizer = job.make_optimizer(config)
+    graphdef, state = valuefn.init_train_state(job.make_critic(config), optimizer)
+    iteration = jax.jit(job.make_iteration(config, graphdef, optimizer), donate_argnums=0)
+    key = jax.random.key(config.seed)
+    carry = {"state": state, "i": 0}
+
+    def call():
+        # The iteration donates its state: keep the newest.
+        carry["i"] += 1
+        carry["state"], metrics = iteration(carry["state"], jax.random.fold_in(key, carry["i"]))
+        return metrics
+
+    timing = measure(call, repeats=3 if quick else 10)
+    return [
+        timed(
+            f"train iteration {config.batch_size}x{config.task.length} "
+            f"({config.num_epochs} epochs x {config.num_minibatches} minibatches, "
+            f"d{config.critic.d_model} L{config.critic.num_layers})",
+            timing,
+            work=config.batch_size * config.task.length,
+            work_unit="tokens",
+            floor=MATMUL["float32"],
+            floor_work=iteration_flops(config),
+        )
+    ]

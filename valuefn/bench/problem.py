@@ -1,0 +1,87 @@
+"""The critic the update-step benchmarks train, and its batches.
+
+The reference model is the :class:`valuefn.TransformerValue` of the README
+(vocab 1024, d_model 256, 4 layers, 4 heads: 3.5M parameters), trained with
+``clip_by_global_norm(1.0)`` and AdamW on the clipped value loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import valuefn
+from valuefn.bench.hardware import transformer_flops
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a :class:`valuefn.TransformerValue` critic."""
+
+    vocab: int = 1024
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    dtype: str = "float32"
+    remat: bool = False
+
+    def describe(self) -> str:
+        remat = ", remat" if self.remat else ""
+        return f"d{self.d_model} L{self.num_layers} {self.dtype}{remat}"
+
+
+REFERENCE = ModelSpec()
+TINY = ModelSpec(vocab=64, d_model=32, num_layers=1, num_heads=2)
+
+
+def make_problem(spec: ModelSpec, max_len: int):
+    """``(graphdef, optimizer, state)`` with the state on the host (NumPy leaves)."""
+    model = valuefn.TransformerValue(
+        spec.vocab,
+        d_model=spec.d_model,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        max_len=max_len,
+        dtype=jnp.dtype(spec.dtype),
+        remat=spec.remat,
+        rngs=nnx.Rngs(0),
+    )
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4))
+    graphdef, state = valuefn.init_train_state(model, optimizer)
+    return graphdef, optimizer, jax.tree.map(np.asarray, state)
+
+
+def make_update_step(graphdef, optimizer):
+    """A freshly traced update step (a new jit, so it compiles anew)."""
+    return valuefn.make_update_step(graphdef, optimizer, clip_epsilon=0.2)
+
+
+def make_batch(rows: int, seq_len: int, vocab: int) -> valuefn.Batch:
+    rng = np.random.default_rng(0)
+    shape = (rows, seq_len)
+    return valuefn.Batch(
+        inputs=rng.integers(0, vocab, shape).astype(np.int32),
+        targets=rng.normal(size=shape).astype(np.float32),
+        mask=np.ones(shape, np.float32),
+        old_values=np.zeros(shape, np.float32),
+    )
+
+
+def train_flops(spec: ModelSpec, rows: int, seq_len: int) -> float:
+    """Model FLOPs of one update step on ``rows x seq_len`` tokens."""
+    return transformer_flops(
+        d_model=spec.d_model,
+        num_layers=spec.num_layers,
+        seq_len=seq_len,
+        tokens=rows * seq_len,
+    )
+
+
+def floor_name(spec: ModelSpec) -> str:
+    """The matmul rate the update step of ``spec`` is held against."""
+    return f"matmul {spec.dtype}"

@@ -1,0 +1,258 @@
+"""Runs the benchmark suite: one table on stdout, one JSON file of results.
+
+``valuefn bench`` (or ``python -m benchmarks`` in the repository) runs every
+benchmark module's ``run(quick)``, measures the machine's limits first, and
+writes ``<out>/<backend>-<date>.json`` with the machine, the versions, and for
+every figure its median, min, max, its baseline and its fraction of the
+hardware limit. ``--quick`` runs everything at tiny sizes, to check that it
+runs; its file is named ``...-quick.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+BENCHMARKS = ("hardware", "targets", "update", "footprint", "rollout", "iteration", "scaling")
+VERSIONED = ("valuefn", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "rlax")
+SCHEMA = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The suite's command-line flags, shared by ``valuefn bench`` and ``python -m benchmarks``."""
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks that every benchmark runs"
+    )
+    parser.add_argument(
+        "--only",
+        type=_benchmark_list,
+        default=list(BENCHMARKS),
+        help=f"comma-separated benchmarks to run, of {', '.join(BENCHMARKS)} "
+        "(hardware always runs: it gives the floors)",
+    )
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="results folder (default benchmarks/results)"
+    )
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+
+
+def _benchmark_list(text: str) -> list[str]:
+    """``"targets,update"`` -> ``["hardware", "targets", "update"]``, in the suite's order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(BENCHMARKS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}"
+        )
+    return ["hardware", *(name for name in BENCHMARKS if name in names and name != "hardware")]
+
+
+def _machine() -> dict:
+    import jax
+
+    devices = jax.devices()
+    processor = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
+        processor = names[0] if names else processor
+    except OSError:
+        pass
+    memory = None
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "platform": platform.platform(),
+        "processor": processor,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": memory,
+        "python": platform.python_version(),
+    }
+
+
+def _versions() -> dict:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _figure_record(benchmark: str, figure, rates: dict[str, float]) -> dict:
+    from valuefn.bench.hardware import floor_fraction
+
+    record = {
+        "benchmark": benchmark,
+        "name": figure.name,
+        "unit": figure.unit,
+        "median": figure.median,
+        "min": figure.min,
+        "max": figure.max,
+        "baseline": None,
+        "ratio": figure.ratio,
+        "work": figure.work,
+        "work_unit": figure.work_unit,
+        "rate": figure.rate,
+        "floor": None,
+    }
+    if figure.baseline is not None:
+        record["baseline"] = {"name": figure.baseline, "median": figure.baseline_median}
+    if figure.floor is not None:
+        record["floor"] = {
+            "limit": figure.floor,
+            "work": figure.floor_work,
+            "limit_rate": rates.get(figure.floor),
+            "fraction": floor_fraction(figure, rates),
+        }
+    return record
+
+
+def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
+    """Runs the benchmarks ``names`` (``"hardware"`` first) and returns the results record.
+
+    A benchmark that fails is reported under ``errors`` and the others still run;
+    one whose module is not installed is listed under ``skipped``.
+    """
+    from valuefn.bench.hardware import limits
+
+    started = time.time()
+    figures, errors, skipped, rates = [], {}, {}, {}
+    for name in names:
+        module_name = f"valuefn.bench.{name}"
+        if importlib.util.find_spec(module_name) is None:
+            skipped[name] = f"no module {module_name}"
+            echo(f"[{name}] skipped: {skipped[name]}")
+            continue
+        echo(f"[{name}] running ...", flush=True)
+        began = time.perf_counter()
+        try:
+            produced = importlib.import_module(module_name).run(quick)
+        except Exception as err:  # one broken benchmark must not lose the others' figures
+            errors[name] = "".join(traceback.format_exception_only(type(err), err)).strip()
+            echo(f"[{name}] failed: {errors[name]}")
+            echo(traceback.format_exc(), file=sys.stderr)
+            continue
+        if name == "hardware":
+            rates = limits(produced)
+        figures += [_figure_record(name, figure, rates) for figure in produced]
+        echo(f"[{name}] {len(produced)} figures in {time.perf_counter() - began:.1f} s")
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "quick": quick,
+        "benchmarks": names,
+        "machine": _machine(),
+        "versions": _versions(),
+        "limits": rates,
+        "figures": figures,
+        "errors": errors,
+        "skipped": skipped,
+        "seconds": time.time() - started,
+    }
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _quantity(value: float, unit: str) -> str:
+    if unit == "bytes":
+        return f"{value / 2**20:,.1f} MiB"
+    if value >= 1:
+        return f"{value:.3g} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} us"
+
+
+def format_results(results: dict) -> str:
+    """The results as one plain-text table."""
+    from valuefn.bench.figures import format_table
+
+    rows = []
+    for f in results["figures"]:
+        floor = f["floor"] or {}
+        fraction = floor.get("fraction")
+        rows.append(
+            [
+                f["name"],
+                _quantity(f["median"], f["unit"]),
+                _quantity(f["min"], f["unit"]),
+                _quantity(f["max"], f["unit"]),
+                "" if f["rate"] is None else _si(f["rate"], f"{f['work_unit']}/s"),
+                "" if f["baseline"] is None else f["baseline"]["name"],
+                "" if f["ratio"] is None else f"{f['ratio']:.3g}x",
+                "" if fraction is None else f"{100 * fraction:.3g}% {floor['limit']}",
+            ]
+        )
+    headers = ["figure", "median", "min", "max", "rate", "baseline", "vs baseline", "of limit"]
+    machine, versions = results["machine"], results["versions"]
+    lines = [
+        f"{machine['backend']}: {machine['device_count']} x {machine['device_kind']}, "
+        f"{machine['processor']}, {machine['cpu_count']} CPUs; jax {versions['jax']}, "
+        f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
+        + (" (quick)" if results["quick"] else ""),
+        format_table(headers, rows),
+    ]
+    lines += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
+    lines += [f"FAILED {name}: {why}" for name, why in results["errors"].items()]
+    return "\n".join(lines)
+
+
+def results_path(results: dict, out: Path) -> Path:
+    """``out/<backend>-<date>[-<benchmarks>][-quick].json``."""
+    parts = [results["machine"]["backend"], results["date"][:10]]
+    if results["benchmarks"] != list(BENCHMARKS):
+        parts.append("+".join(results["benchmarks"][1:]) or "hardware")
+    if results["quick"]:
+        parts.append("quick")
+    return out / ("-".join(parts) + ".json")
+
+
+def _command_line(args: argparse.Namespace, prog: str) -> str:
+    flags = [prog]
+    if args.quick:
+        flags.append("--quick")
+    if args.only != list(BENCHMARKS):
+        flags += ["--only", ",".join(args.only)]
+    flags += ["--out", args.out] + (["--no-save"] if args.no_save else [])
+    return " ".join(flags)
+
+
+def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
+    """Runs the suite as the flags in ``args`` say; returns the exit code (1 if any failed)."""
+    results = run_suite(args.only, quick=args.quick)
+    results["command"] = _command_line(args, prog)
+    print(format_results(results))
+    if not args.no_save:
+        path = results_path(results, Path(args.out))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 1 if results["errors"] else 0
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv), prog)

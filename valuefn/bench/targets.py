@@ -1,0 +1,205 @@
+"""GAE: the scan and associative kernels against PyTorch and NumPy loops and rlax.
+
+Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
+
+- ``gae scan``, ``gae associative``, ``gae auto``: :func:`valuefn.gae` jitted,
+  against the PyTorch reverse loop (the loop of TRL and OpenRLHF: one Python
+  iteration per token, eager), or the same loop in NumPy without torch. Their
+  floor is the memory bandwidth: rewards, values and mask read and advantages
+  and returns written, 4 bytes each.
+- ``gae auto, per-step discounts, no mask``: against
+  ``rlax.truncated_generalized_advantage_estimation`` vmapped over the batch,
+  on the inputs rlax takes (it has no mask), when rlax is installed.
+
+The method map times ``associative`` against ``scan`` over a grid of shapes
+(``ratio`` is the associative method's speed-up); ``auto`` is chosen from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import valuefn
+from valuefn.bench.figures import Figure, Timing, measure_many, timed
+from valuefn.bench.hardware import MEMORY
+
+GAMMA, LAMBDA = 0.99, 0.95
+SHAPES = ((64, 1024), (8, 8192), (256, 4096))
+QUICK_SHAPES = ((4, 64),)
+MAP_CPU = ((1, 64), (1, 1024), (1, 8192), (64, 64), (64, 1024), (64, 8192), (1024, 1024))
+MAP_GPU = tuple(
+    (b, t) for b in (1, 16, 256, 4096) for t in (64, 256, 1024, 4096, 16384) if b * t <= 1 << 26
+)
+QUICK_MAP = ((2, 32),)
+
+
+def numpy_gae(rewards, values, bootstrap, mask):
+    """Reverse loop over time in NumPy, masked as OpenRLHF masks its inputs."""
+    rewards, values = rewards * mask, values * mask
+    advantages = np.zeros_like(rewards)
+    last = np.zeros(rewards.shape[0], rewards.dtype)
+    next_value = bootstrap
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + GAMMA * next_value - values[:, t]
+        last = delta + GAMMA * LAMBDA * last
+        advantages[:, t] = last
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def torch_gae(torch, rewards, values, bootstrap, mask):
+    """The TRL / OpenRLHF reverse loop: one Python iteration per token."""
+    rewards, values = rewards * mask, values * mask
+    last = 0.0
+    reversed_advantages = []
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else bootstrap
+        delta = rewards[:, t] + GAMMA * next_values - values[:, t]
+        last = delta + GAMMA * LAMBDA * last
+        reversed_advantages.append(last)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def _optional(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _torch():
+    torch = _optional("torch")
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    return torch
+
+
+def make_inputs(batch: int, horizon: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(batch, horizon)).astype(np.float32)
+    values = rng.normal(size=(batch, horizon)).astype(np.float32)
+    bootstrap = rng.normal(size=(batch,)).astype(np.float32)
+    mask = np.ones((batch, horizon), np.float32)
+    return rewards, values, bootstrap, mask
+
+
+def gae_bytes(batch: int, horizon: int, *, per_step_inputs: int = 3) -> int:
+    """Bytes a GAE kernel must move: ``per_step_inputs`` float32 ``[B, T]`` arrays
+    read (rewards, values, and the mask or the discounts), the bootstrap ``[B]``
+    read, advantages and returns written."""
+    return 4 * ((per_step_inputs + 2) * batch * horizon + batch)
+
+
+def _gae_fn(method: str):
+    return jax.jit(functools.partial(valuefn.gae, lambda_=LAMBDA, method=method))
+
+
+def compare_shape(batch: int, horizon: int, *, repeats: int, torch, rlax) -> list[Figure]:
+    """valuefn's GAE at one shape against the loops and rlax, timed in turn."""
+    rewards, values, bootstrap, mask = make_inputs(batch, horizon)
+    r, v, b, m = (jnp.asarray(x) for x in (rewards, values, bootstrap, mask))
+    calls = {
+        f"gae {method}": functools.partial(_gae_fn(method), r, v, GAMMA, b, mask=m)
+        for method in ("scan", "associative", "auto")
+    }
+    if torch is not None:
+        torch_args = [torch.from_numpy(x) for x in (rewards, values, bootstrap, mask)]
+        calls["torch loop"] = lambda: torch_gae(torch, *torch_args)
+    else:
+        calls["numpy loop"] = lambda: numpy_gae(rewards, values, bootstrap, mask)
+    if rlax is not None:
+        d = jnp.full((batch, horizon), GAMMA, jnp.float32)
+        v_ext = jnp.concatenate([v, b[:, None]], axis=1)
+        rlax_gae = jax.jit(
+            jax.vmap(
+                lambda r, d, v: rlax.truncated_generalized_advantage_estimation(
+                    r, d, LAMBDA, v, True
+                )
+            )
+        )
+        calls["rlax"] = functools.partial(rlax_gae, r, d, v_ext)
+        calls["gae auto, per-step discounts, no mask"] = functools.partial(
+            _gae_fn("auto"), r, v, d, b
+        )
+
+    with torch.no_grad() if torch is not None else contextlib.nullcontext():
+        timings = measure_many(calls, repeats=repeats)
+
+    shape = f"{batch}x{horizon}"
+    steps = {"work": batch * horizon, "work_unit": "steps"}
+    loop = "torch loop" if torch is not None else "numpy loop"
+    figures = [timed(f"gae {loop} {shape}", timings[loop], **steps)]
+    for method in ("scan", "associative", "auto"):
+        name = f"gae {method}"
+        figures.append(
+            timed(
+                f"{name} {shape}",
+                timings[name],
+                against=(f"{loop} {shape}", timings[loop]),
+                floor=MEMORY,
+                floor_work=gae_bytes(batch, horizon),
+                **steps,
+            )
+        )
+    if rlax is not None:
+        figures.append(timed(f"gae rlax (vmapped) {shape}", timings["rlax"], **steps))
+        figures.append(
+            timed(
+                f"gae auto, per-step discounts, no mask {shape}",
+                timings["gae auto, per-step discounts, no mask"],
+                against=(f"rlax {shape}", timings["rlax"]),
+                floor=MEMORY,
+                floor_work=gae_bytes(batch, horizon),
+                **steps,
+            )
+        )
+    return figures
+
+
+def method_map(shapes, *, repeats: int) -> list[Figure]:
+    """``associative`` against ``scan`` over shapes, no mask and a scalar discount."""
+    figures = []
+    for batch, horizon in shapes:
+        rewards, values, bootstrap, _ = make_inputs(batch, horizon)
+        r, v, b = (jnp.asarray(x) for x in (rewards, values, bootstrap))
+        timings: dict[str, Timing] = measure_many(
+            {
+                method: functools.partial(_gae_fn(method), r, v, GAMMA, b)
+                for method in ("scan", "associative")
+            },
+            repeats=repeats,
+        )
+        shape = f"{batch}x{horizon}"
+        figures.append(
+            timed(
+                f"gae map: associative {shape}",
+                timings["associative"],
+                against=(f"scan {shape}", timings["scan"]),
+                work=batch * horizon,
+                work_unit="steps",
+                floor=MEMORY,
+                floor_work=gae_bytes(batch, horizon, per_step_inputs=2),
+            )
+        )
+    return figures
+
+
+def run(quick: bool) -> list[Figure]:
+    torch, rlax = _torch(), _optional("rlax")
+    repeats = 3 if quick else 7
+    figures = []
+    for batch, horizon in QUICK_SHAPES if quick else SHAPES:
+        figures += compare_shape(batch, horizon, repeats=repeats, torch=torch, rlax=rlax)
+    if quick:
+        grid = QUICK_MAP
+    else:
+        grid = MAP_CPU if jax.default_backend() == "cpu" else MAP_GPU
+    return figures + method_map(grid, repeats=repeats)
