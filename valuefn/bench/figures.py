@@ -108,9 +108,13 @@ def measure_many(
     }
 
 
-def format_table(headers: list[str], rows: list[list[object]]) -> str:
-    """A plain-text table: the first column left-aligned, the others right-aligned."""
+def format_table(headers: list[str], rows: list[list[object]], *, markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table: the first column left-aligned, the others right-aligned."""
     cells = [[str(c) for c in row] for row in [headers, *rows]]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "|" + "|".join([" --- "] + [" ---: "] * (len(headers) - 1)) + "|")
+        return "\n".join(lines)
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row):

@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="benchmarks/results", help="results folder (default benchmarks/results)"
     )
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
 
 
 def _benchmark_list(text: str) -> list[str]:
@@ -122,35 +123,47 @@ def _figure_record(benchmark: str, figure, rates: dict[str, float]) -> dict:
     return record
 
 
+def _run_one(name: str, quick: bool, errors: dict, skipped: dict, echo) -> list:
+    module_name = f"valuefn.bench.{name}"
+    if importlib.util.find_spec(module_name) is None:
+        skipped[name] = f"no module {module_name}"
+        echo(f"[{name}] skipped: {skipped[name]}")
+        return []
+    echo(f"[{name}] running ...", flush=True)
+    began = time.perf_counter()
+    try:
+        figures = importlib.import_module(module_name).run(quick)
+    except Exception as err:  # one broken benchmark must not lose the others' figures
+        errors[name] = "".join(traceback.format_exception_only(type(err), err)).strip()
+        echo(f"[{name}] failed: {errors[name]}")
+        echo(traceback.format_exc(), file=sys.stderr)
+        return []
+    echo(f"[{name}] {len(figures)} figures in {time.perf_counter() - began:.1f} s")
+    return figures
+
+
 def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
     """Runs the benchmarks ``names`` (``"hardware"`` first) and returns the results record.
 
-    A benchmark that fails is reported under ``errors`` and the others still run;
-    one whose module is not installed is listed under ``skipped``.
+    The hardware is measured again after the others, and each of its figures
+    keeps the better of its two runs: on a shared machine the load changes, and
+    the limit is the best the machine did. A benchmark that fails is reported
+    under ``errors`` and the others still run; one whose module is not
+    installed is listed under ``skipped``.
     """
     from valuefn.bench.hardware import limits
 
     started = time.time()
-    figures, errors, skipped, rates = [], {}, {}, {}
-    for name in names:
-        module_name = f"valuefn.bench.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            skipped[name] = f"no module {module_name}"
-            echo(f"[{name}] skipped: {skipped[name]}")
-            continue
-        echo(f"[{name}] running ...", flush=True)
-        began = time.perf_counter()
-        try:
-            produced = importlib.import_module(module_name).run(quick)
-        except Exception as err:  # one broken benchmark must not lose the others' figures
-            errors[name] = "".join(traceback.format_exception_only(type(err), err)).strip()
-            echo(f"[{name}] failed: {errors[name]}")
-            echo(traceback.format_exc(), file=sys.stderr)
-            continue
-        if name == "hardware":
-            rates = limits(produced)
-        figures += [_figure_record(name, figure, rates) for figure in produced]
-        echo(f"[{name}] {len(produced)} figures in {time.perf_counter() - began:.1f} s")
+    errors, skipped = {}, {}
+    produced = [(name, _run_one(name, quick, errors, skipped, echo)) for name in names]
+    if produced[0][0] == "hardware" and produced[0][1]:
+        again = _run_one("hardware", quick, errors, skipped, echo)
+        best = {figure.name: figure for figure in produced[0][1]}
+        for figure in again:
+            if figure.name in best and figure.min < best[figure.name].min:
+                best[figure.name] = figure
+        produced[0] = ("hardware", list(best.values()))
+    rates = limits(produced[0][1]) if produced[0][0] == "hardware" else {}
     return {
         "schema": SCHEMA,
         "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
@@ -161,7 +174,9 @@ def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
         "machine": _machine(),
         "versions": _versions(),
         "limits": rates,
-        "figures": figures,
+        "figures": [
+            _figure_record(name, figure, rates) for name, figures in produced for figure in figures
+        ],
         "errors": errors,
         "skipped": skipped,
         "seconds": time.time() - started,
@@ -185,8 +200,8 @@ def _quantity(value: float, unit: str) -> str:
     return f"{value * 1e6:.3g} us"
 
 
-def format_results(results: dict) -> str:
-    """The results as one plain-text table."""
+def format_results(results: dict, *, markdown: bool = False) -> str:
+    """The results as one plain-text (or Markdown) table under a line naming the machine."""
     from valuefn.bench.figures import format_table
 
     rows = []
@@ -212,7 +227,8 @@ def format_results(results: dict) -> str:
         f"{machine['processor']}, {machine['cpu_count']} CPUs; jax {versions['jax']}, "
         f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
         + (" (quick)" if results["quick"] else ""),
-        format_table(headers, rows),
+        *([""] if markdown else []),
+        format_table(headers, rows, markdown=markdown),
     ]
     lines += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
     lines += [f"FAILED {name}: {why}" for name, why in results["errors"].items()]
@@ -235,7 +251,11 @@ def _command_line(args: argparse.Namespace, prog: str) -> str:
         flags.append("--quick")
     if args.only != list(BENCHMARKS):
         flags += ["--only", ",".join(args.only)]
-    flags += ["--out", args.out] + (["--no-save"] if args.no_save else [])
+    flags += ["--out", args.out]
+    if args.no_save:
+        flags.append("--no-save")
+    if args.markdown:
+        flags.append("--markdown")
     return " ".join(flags)
 
 
@@ -243,7 +263,7 @@ def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
     """Runs the suite as the flags in ``args`` say; returns the exit code (1 if any failed)."""
     results = run_suite(args.only, quick=args.quick)
     results["command"] = _command_line(args, prog)
-    print(format_results(results))
+    print(format_results(results, markdown=args.markdown))
     if not args.no_save:
         path = results_path(results, Path(args.out))
         path.parent.mkdir(parents=True, exist_ok=True)
