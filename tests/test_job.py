@@ -108,42 +108,31 @@ def test_iteration_vmaps_over_seeds():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_train_command_writes_every_output(tmp_path, capsys):
-    config_file = tmp_path / "tiny.toml"
-    config_file.write_text(TINY_TOML)
-    out = tmp_path / "run"
-    code = cli.main(["train", "--config", str(config_file), "--out", str(out), "--quiet"])
-    assert code == 0
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines] == [1, 2, 3]
-    for key in (
-        "value_loss",
-        "explained_variance",
-        "clip_fraction",
-        "grad_norm",
-        "score_mean",
-    ):
-        assert all(np.isfinite(line[key]) for line in lines), key
-    for name in ("curves.png", "value_by_turn.png", "config.json"):
-        assert (out / name).stat().st_size > 0, name
-    assert (out / "checkpoint").is_dir()
-    printed = capsys.readouterr().out
-    assert "Value against realised return by assistant turn" in printed
+def metrics_of(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_identically(tmp_path):
+def test_train_command_writes_every_output_and_resumes_identically(tmp_path, capsys):
     config_file = tmp_path / "tiny.toml"
     config_file.write_text(TINY_TOML)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ["train", "--config", str(config_file), "--quiet"]
+
     assert cli.main([*args, "--out", str(straight)]) == 0
+    lines = metrics_of(straight)
+    assert [line["iteration"] for line in lines] == [1, 2, 3]
+    for key in ("value_loss", "explained_variance", "clip_fraction", "grad_norm", "score_mean"):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    for name in ("curves.png", "value_by_turn.png", "config.json"):
+        assert (straight / name).stat().st_size > 0, name
+    assert (straight / "checkpoint").is_dir()
+    assert "Value against realised return by assistant turn" in capsys.readouterr().out
+
     assert cli.main([*args, "--iterations", "2", "--out", str(resumed)]) == 0
     assert cli.main([*args, "--out", str(resumed), "--resume"]) == 0
-
-    def losses(path):
-        return [json.loads(line)["value_loss"] for line in (path / "metrics.jsonl").open()]
-
-    assert losses(resumed) == losses(straight)
+    resumed_lines = metrics_of(resumed)
+    assert [line["iteration"] for line in resumed_lines] == [1, 2, 3]
+    assert [line["value_loss"] for line in resumed_lines] == [line["value_loss"] for line in lines]
 
 
 @pytest.mark.parametrize(
