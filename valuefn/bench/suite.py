@@ -230,8 +230,11 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
         *([""] if markdown else []),
         format_table(headers, rows, markdown=markdown),
     ]
-    lines += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
-    lines += [f"FAILED {name}: {why}" for name, why in results["errors"].items()]
+    notes = [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
+    notes += [f"FAILED {name}: {why}" for name, why in results["errors"].items()]
+    if markdown and notes:
+        notes.insert(0, "")
+    lines += notes
     return "\n".join(lines)
 
 
