@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from flax import nnx
 
 from valuefn import checkpoint, report
 from valuefn.distributed import batch_sharding, shard_state
-from valuefn.envs.dialogue import DialogueConfig, dialogue_models, sample_dialogues
+from valuefn.envs.dialogue import DialogueConfig, Dialogues, dialogue_models, sample_dialogues
 from valuefn.losses import explained_variance, masked_mean
 from valuefn.networks import TransformerValue
 from valuefn.rlhf import kl_penalty, response_discounts, response_values, token_rewards
@@ -171,6 +171,89 @@ def to_sequence_layout(x: Array, prompt_length: int) -> Array:
     return jnp.pad(x, ((0, 0), (prompt_length - 1, 1)))
 
 
+class Rollout(NamedTuple):
+    """One batch of dialogues with its per-token KL and rewards ``[B, T]``."""
+
+    dialogues: Dialogues
+    kl: Array
+    rewards: Array
+
+
+class Targets(NamedTuple):
+    """The critic's view of a rollout: its values, GAE returns and realised returns."""
+
+    values: Array  # [B, T] V(s_t) before the update
+    returns: Array  # [B, T] GAE lambda-returns, the regression targets
+    realised: Array  # [B, T] undiscounted return from each token on
+    batch: Batch  # the targets placed at the critic's positions [B, P + T]
+
+
+class Stages(NamedTuple):
+    """The three stages of one iteration, each a pure function (jit them separately to time).
+
+    Attributes:
+      rollout: ``(key) -> Rollout``.
+      targets: ``(state, rollout) -> Targets``.
+      update: ``(state, batch, key) -> (state, metrics)``, epochs of minibatch steps.
+    """
+
+    rollout: Callable[[Array], Rollout]
+    targets: Callable[[TrainState, Rollout], Targets]
+    update: Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]
+
+
+def make_stages(
+    config: TrainConfig,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Stages:
+    """The stages of :func:`make_iteration`; arguments as there."""
+    task = config.task
+    models = dialogue_models(task)
+    prompt_length = task.prompt_length
+
+    def rollout(key: Array) -> Rollout:
+        dialogues = sample_dialogues(key, config.batch_size, task, models)
+        if mesh is not None:
+            dialogues = jax.lax.with_sharding_constraint(dialogues, batch_sharding(mesh))
+        mask = dialogues.assistant_mask
+        kl = kl_penalty(dialogues.logprobs, dialogues.ref_logprobs, config.kl_estimator)
+        rewards = token_rewards(dialogues.scores, mask, kl=kl, kl_coef=config.kl_coef)
+        return Rollout(dialogues, kl, rewards)
+
+    def targets(state: TrainState, rollout: Rollout) -> Targets:
+        tokens, mask = rollout.dialogues.tokens, rollout.dialogues.assistant_mask
+        outputs = predict(graphdef, state.params, tokens, state.return_stats)
+        values, bootstrap = response_values(outputs, prompt_length, mask)
+        # The reward model scores every dialogue when its last turn ends, cut at the
+        # length limit or not, so the episode ends there: nothing to bootstrap.
+        discounts = response_discounts(config.gamma, mask)
+        _, returns = gae(rollout.rewards, values, discounts, bootstrap, config.lam, mask=mask)
+        # What the dialogue actually pays from each token on, undiscounted: a critic
+        # whose discount is too small values early turns far below it.
+        realised = discounted_returns(
+            rollout.rewards, response_discounts(1.0, mask), bootstrap, mask=mask
+        )
+        batch = Batch(
+            inputs=tokens,
+            targets=to_sequence_layout(returns, prompt_length),
+            mask=to_sequence_layout(mask, prompt_length).astype(jnp.float32),
+            old_values=to_sequence_layout(values, prompt_length),
+        )
+        return Targets(values, returns, realised, batch)
+
+    update = make_epochs_step(
+        graphdef,
+        optimizer,
+        num_epochs=config.num_epochs,
+        num_minibatches=config.num_minibatches,
+        clip_epsilon=config.clip_epsilon or None,
+    )
+    return Stages(rollout, targets, update)
+
+
 def make_iteration(
     config: TrainConfig,
     graphdef: nnx.GraphDef,
@@ -180,9 +263,10 @@ def make_iteration(
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
     """Builds ``iteration(state, key) -> (state, metrics)``, one whole training iteration.
 
-    Pure and jittable; ``jax.vmap`` it over states and keys to train several
-    critics at once. With a ``mesh`` the sampled batch is constrained to be
-    split over it, so each device samples and trains on its own rows.
+    The :func:`make_stages` in turn: rollout, targets, update. Pure and
+    jittable; ``jax.vmap`` it over states and keys to train several critics at
+    once. With a ``mesh`` the sampled batch is constrained to be split over it,
+    so each device samples and trains on its own rows.
 
     Metrics: those of :func:`valuefn.make_epochs_step`, plus ``score_mean``,
     ``kl_mean``, ``return_mean``, ``explained_variance`` (of the critic's
@@ -191,56 +275,29 @@ def make_iteration(
     predicted value and mean realised (undiscounted) return over each assistant
     turn's tokens.
     """
-    task = config.task
-    models = dialogue_models(task)
-    epochs_step = make_epochs_step(
-        graphdef,
-        optimizer,
-        num_epochs=config.num_epochs,
-        num_minibatches=config.num_minibatches,
-        clip_epsilon=config.clip_epsilon or None,
-    )
-    prompt_length = task.prompt_length
+    stages = make_stages(config, graphdef, optimizer, mesh=mesh)
+    num_turns = config.task.num_turns
 
     def iteration(state: TrainState, key: Array) -> tuple[TrainState, dict[str, Array]]:
         key_sample, key_epochs = jax.random.split(key)
-        dialogues = sample_dialogues(key_sample, config.batch_size, task, models)
-        if mesh is not None:
-            dialogues = jax.lax.with_sharding_constraint(dialogues, batch_sharding(mesh))
-        mask = dialogues.assistant_mask
-        kl = kl_penalty(dialogues.logprobs, dialogues.ref_logprobs, config.kl_estimator)
-        rewards = token_rewards(dialogues.scores, mask, kl=kl, kl_coef=config.kl_coef)
-        outputs = predict(graphdef, state.params, dialogues.tokens, state.return_stats)
-        values, bootstrap = response_values(outputs, prompt_length, mask)
-        # The reward model scores every dialogue when its last turn ends, cut at the
-        # length limit or not, so the episode ends there: nothing to bootstrap.
-        discounts = response_discounts(config.gamma, mask)
-        _, returns = gae(rewards, values, discounts, bootstrap, config.lam, mask=mask)
-        # What the dialogue actually pays from each token on, undiscounted: a critic
-        # whose discount is too small values early turns far below it.
-        realised = discounted_returns(rewards, response_discounts(1.0, mask), bootstrap, mask=mask)
+        rollout = stages.rollout(key_sample)
+        targets = stages.targets(state, rollout)
+        state, metrics = stages.update(state, targets.batch, key_epochs)
 
-        batch = Batch(
-            inputs=dialogues.tokens,
-            targets=to_sequence_layout(returns, prompt_length),
-            mask=to_sequence_layout(mask, prompt_length).astype(jnp.float32),
-            old_values=to_sequence_layout(values, prompt_length),
-        )
-        state, metrics = epochs_step(state, batch, key_epochs)
+        dialogues, mask = rollout.dialogues, rollout.dialogues.assistant_mask
+        in_turn = (dialogues.turn[..., None] == jnp.arange(num_turns)) & mask[..., None]
 
-        in_turn = (dialogues.turn[..., None] == jnp.arange(task.num_turns)) & mask[..., None]
+        def by_turn(x):
+            return masked_mean(jnp.broadcast_to(x[..., None], in_turn.shape), in_turn, axis=(0, 1))
+
         metrics = dict(metrics)
         metrics.update(
             score_mean=jnp.mean(dialogues.scores),
-            kl_mean=masked_mean(kl, mask),
-            return_mean=masked_mean(returns, mask),
-            explained_variance=explained_variance(values, returns, mask),
-            value_by_turn=masked_mean(
-                jnp.broadcast_to(values[..., None], in_turn.shape), in_turn, axis=(0, 1)
-            ),
-            return_by_turn=masked_mean(
-                jnp.broadcast_to(realised[..., None], in_turn.shape), in_turn, axis=(0, 1)
-            ),
+            kl_mean=masked_mean(rollout.kl, mask),
+            return_mean=masked_mean(targets.returns, mask),
+            explained_variance=explained_variance(targets.values, targets.returns, mask),
+            value_by_turn=by_turn(targets.values),
+            return_by_turn=by_turn(targets.realised),
         )
         return state, metrics
 

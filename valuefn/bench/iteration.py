@@ -15,7 +15,7 @@ import jax
 
 import valuefn
 from valuefn import job
-from valuefn.bench.figures import Figure, measure, timed
+from valuefn.bench.figures import Figure, measure, measure_many, timed
 from valuefn.bench.hardware import MATMUL, transformer_flops
 
 QUICK = job.TrainConfig(
@@ -54,6 +54,7 @@ def run(quick: bool) -> list[Figure]:
 
     timing = measure(call, repeats=3 if quick else 10)
     return [
+        *stage_split(config, repeats=3 if quick else 10),
         timed(
             f"train iteration {config.batch_size}x{config.task.length} "
             f"({config.num_epochs} epochs x {config.num_minibatches} minibatches, "
@@ -63,5 +64,47 @@ def run(quick: bool) -> list[Figure]:
             work_unit="tokens",
             floor=MATMUL["float32"],
             floor_work=iteration_flops(config),
+        ),
+    ]
+
+
+def stage_split(config: job.TrainConfig, *, repeats: int) -> list[Figure]:
+    """Each stage of the iteration jitted on its own: rollout, targets, updates.
+
+    The baseline of each is the three stages' total, so ``vs baseline`` is the
+    inverse of the stage's share of the iteration.
+    """
+    optimizer = job.make_optimizer(config)
+    graphdef, state = valuefn.init_train_state(job.make_critic(config), optimizer)
+    stages = job.make_stages(config, graphdef, optimizer)
+    rollout_fn, targets_fn = jax.jit(stages.rollout), jax.jit(stages.targets)
+    key = jax.random.key(config.seed)
+    rollout = rollout_fn(key)
+    batch = targets_fn(state, rollout).batch
+    carry = {"state": state}
+
+    def update():
+        carry["state"], metrics = stages.update(carry["state"], batch, key)
+        return metrics
+
+    timings = measure_many(
+        {
+            "rollout (sample dialogues, KL, token rewards)": lambda: rollout_fn(key),
+            "targets (critic values, GAE)": lambda: targets_fn(carry["state"], rollout),
+            "updates (epochs x minibatches)": update,
+        },
+        repeats=repeats,
+    )
+    total = sum(t.median for t in timings.values())
+    tokens = config.batch_size * config.task.length
+    return [
+        timed(
+            f"iteration stage: {name}",
+            timing,
+            baseline="sum of the three stages",
+            baseline_median=total,
+            work=tokens,
+            work_unit="tokens",
         )
+        for name, timing in timings.items()
     ]
