@@ -31,6 +31,16 @@ _LAYER_NORM_EPS = 1e-5
 _QUERY_BLOCK = 128
 
 
+def _dot(a: Array, b: Array) -> Array:
+    """``a @ b`` accumulated in float32 and returned in ``a``'s dtype.
+
+    Asking for a float32 result of a bf16 product is what lets XLA's CPU
+    backend use its native bf16 GEMM; a bf16 result makes it convert both
+    operands to float32 first.
+    """
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 @jax.custom_vjp
 def _matmul(x: Array, kernel: Array) -> Array:
     """``x [..., K] @ kernel [K, N] -> [..., N]``, with a weight gradient laid out for the CPU.
@@ -42,13 +52,13 @@ def _matmul(x: Array, kernel: Array) -> Array:
     ``A [M, K] @ B [K, N]``; so the backward pass transposes the narrower of
     ``x`` and ``g`` once into a real array (an ``optimization_barrier`` keeps
     XLA from folding the transpose back into the dot) and multiplies in that
-    canonical form.
+    canonical form. Products accumulate in float32 (see :func:`_dot`).
     """
-    return x @ kernel
+    return _dot(x, kernel)
 
 
 def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return x @ kernel, (x, kernel)
+    return _dot(x, kernel), (x, kernel)
 
 
 def _matmul_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
@@ -57,10 +67,10 @@ def _matmul_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Arr
     rows_grad = grad.reshape(-1, grad.shape[-1])  # [M, N]
     barrier = jax.lax.optimization_barrier
     if rows_x.shape[1] <= rows_grad.shape[1]:
-        grad_kernel = barrier(rows_x.T) @ rows_grad
+        grad_kernel = _dot(barrier(rows_x.T), rows_grad)
     else:
-        grad_kernel = barrier(barrier(rows_grad.T) @ rows_x).T
-    return grad @ kernel.T, grad_kernel.astype(kernel.dtype)
+        grad_kernel = barrier(_dot(barrier(rows_grad.T), rows_x)).T
+    return _dot(grad, kernel.T), grad_kernel.astype(kernel.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
