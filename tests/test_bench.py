@@ -30,6 +30,7 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     assert results["command"].startswith("valuefn bench --quick")
     assert set(results["benchmarks"]) == set(suite.BENCHMARKS)
     assert {"backend", "device_kind", "device_count", "cpu_count"} <= set(results["machine"])
+    assert set(suite.TUNED_XLA_FLAGS) <= set(results["machine"]["xla_flags"].split())
     assert results["versions"]["jax"] and results["versions"]["valuefn"]
     assert set(results["limits"]) == {hardware.MEMORY, *hardware.MATMUL.values()}
     assert all(rate > 0 for rate in results["limits"].values())
@@ -59,6 +60,16 @@ def test_only_runs_hardware_first_then_in_suite_order():
     parser = cli.build_parser()
     args = parser.parse_args(["bench", "--only", "scaling,targets"])
     assert args.only == ["hardware", "targets", "scaling"]
+
+
+def test_tuned_xla_flags_keep_the_flags_already_set(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_xnn_fusion_type=none --other=1")
+    suite._use_tuned_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_cpu_experimental_xnn_fusion_type=none",
+        "--other=1",
+        "--xla_cpu_experimental_ynn_fusion_type=reduce",
+    ]
 
 
 def test_gae_without_torch_or_rlax_is_compared_with_the_numpy_loop():

@@ -76,6 +76,14 @@ def timed(
     return Figure(name, timing.median, timing.min, timing.max, "s", **fields)
 
 
+def optional(name: str):
+    """The module ``name`` for an optional baseline, or None where it is not installed."""
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
 def _wall_time(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())

@@ -46,7 +46,7 @@ def _abstract(tree):
 def run(quick: bool) -> list[Figure]:
     base_spec = problem.TINY if quick else problem.REFERENCE
     lengths = QUICK_LENGTHS if quick else LENGTHS
-    repeats = 1 if quick else 2
+    repeats = 1
     figures = []
     for remat in (False, True):
         spec = dataclasses.replace(base_spec, remat=remat)

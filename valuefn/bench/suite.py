@@ -26,6 +26,13 @@ from pathlib import Path
 BENCHMARKS = ("hardware", "targets", "update", "footprint", "rollout", "iteration", "scaling")
 VERSIONED = ("valuefn", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "rlax")
 SCHEMA = 1
+# XLA CPU flags the suite runs with unless --default-xla-flags: XNNPACK for the
+# matmuls and YNNPACK for the reductions, measured faster than the defaults for
+# the update step (benchmarks/RESULTS.md). They touch the CPU backend only.
+TUNED_XLA_FLAGS = (
+    "--xla_cpu_experimental_xnn_fusion_type=dot",
+    "--xla_cpu_experimental_ynn_fusion_type=reduce",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument(
+        "--default-xla-flags",
+        action="store_true",
+        help=f"run without the tuned XLA CPU flags ({' '.join(TUNED_XLA_FLAGS)})",
+    )
 
 
 def _benchmark_list(text: str) -> list[str]:
@@ -81,7 +93,17 @@ def _machine() -> dict:
         "cpu_count": os.cpu_count(),
         "memory_bytes": memory,
         "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy a shared machine was."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
 
 
 def _versions() -> dict:
@@ -154,6 +176,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
     from valuefn.bench.hardware import limits
 
     started = time.time()
+    load_before = _load_average()
     errors, skipped = {}, {}
     produced = [(name, _run_one(name, quick, errors, skipped, echo)) for name in names]
     if produced[0][0] == "hardware" and produced[0][1]:
@@ -171,7 +194,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
         ),
         "quick": quick,
         "benchmarks": names,
-        "machine": _machine(),
+        "machine": {**_machine(), "load_average": {"start": load_before, "end": _load_average()}},
         "versions": _versions(),
         "limits": rates,
         "figures": [
@@ -255,15 +278,29 @@ def _command_line(args: argparse.Namespace, prog: str) -> str:
     if args.only != list(BENCHMARKS):
         flags += ["--only", ",".join(args.only)]
     flags += ["--out", args.out]
-    if args.no_save:
-        flags.append("--no-save")
-    if args.markdown:
-        flags.append("--markdown")
+    for flag in ("no_save", "markdown", "default_xla_flags"):
+        if getattr(args, flag):
+            flags.append("--" + flag.replace("_", "-"))
     return " ".join(flags)
+
+
+def _use_tuned_xla_flags() -> None:
+    """Adds :data:`TUNED_XLA_FLAGS` to ``XLA_FLAGS``; XLA reads them when JAX starts its
+    backends, which nothing has done yet when the suite starts from the command line."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {flag.split("=")[0] for flag in flags}
+    flags += [flag for flag in TUNED_XLA_FLAGS if flag.split("=")[0] not in names]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
     """Runs the suite as the flags in ``args`` say; returns the exit code (1 if any failed)."""
+    if not args.default_xla_flags:
+        _use_tuned_xla_flags()
+    # PyTorch's OpenMP threads spin at every barrier; where other work shares the
+    # cores a descheduled thread stalls the rest, which halved the PyTorch update
+    # step on the 2-core benchmark machine. Read when torch is first imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     results = run_suite(args.only, quick=args.quick)
     results["command"] = _command_line(args, prog)
     print(format_results(results, markdown=args.markdown))

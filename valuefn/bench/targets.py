@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import valuefn
-from valuefn.bench.figures import Figure, Timing, measure_many, timed
+from valuefn.bench.figures import Figure, Timing, measure_many, optional, timed
 from valuefn.bench.hardware import MEMORY
 
 GAMMA, LAMBDA = 0.99, 0.95
@@ -66,20 +65,6 @@ def torch_gae(torch, rewards, values, bootstrap, mask):
         reversed_advantages.append(last)
     advantages = torch.stack(reversed_advantages[::-1], dim=1)
     return advantages, advantages + values
-
-
-def _optional(name: str):
-    try:
-        return __import__(name)
-    except ImportError:
-        return None
-
-
-def _torch():
-    torch = _optional("torch")
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count() or 1)
-    return torch
 
 
 def make_inputs(batch: int, horizon: int, seed: int = 0):
@@ -193,7 +178,7 @@ def method_map(shapes, *, repeats: int) -> list[Figure]:
 
 
 def run(quick: bool) -> list[Figure]:
-    torch, rlax = _torch(), _optional("rlax")
+    torch, rlax = optional("torch"), optional("rlax")
     repeats = 3 if quick else 7
     figures = []
     for batch, horizon in QUICK_SHAPES if quick else SHAPES:
