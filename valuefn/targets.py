@@ -47,9 +47,12 @@ class _Steps(NamedTuple):
     values: Array  # [..., T]
     discounts: Array  # [..., T]
     valid: Array  # [..., T] bool
-    next_values: Array  # [..., T] V after step t: final value, next valid value or bootstrap
+    next_values: Array | None  # [..., T] V after step t: final value, next valid value or bootstrap
     chain: Array  # [..., T] discount into the next valid step's return, 0 at truncation
     next_index: Array | None  # [..., T] int32 index of the next valid step (T if none)
+    bootstrap_value: Array  # [...]
+    cut: Array | None  # [..., T] bool, valid steps cut by a time limit
+    final_values: Array | None  # [..., T] read where cut
 
 
 def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
@@ -79,7 +82,15 @@ def _prepare(
     mask: ArrayLike | None,
     truncated: ArrayLike | None,
     final_values: ArrayLike | None,
+    *,
+    resolve_next: bool = True,
 ) -> _Steps:
+    """Checks and aligns the inputs.
+
+    With a mask and ``resolve_next=False`` the next valid step is not looked up:
+    ``next_values`` and ``next_index`` are None and a caller that walks the steps
+    in reverse (``_masked_gae_scan``) carries the next valid value itself.
+    """
     rewards = as_real("rewards", rewards)
     if rewards.ndim < 1 or rewards.shape[-1] < 1:
         raise ValueError(
@@ -111,10 +122,10 @@ def _prepare(
     rewards, values, bootstrap_value = f32(rewards), f32(values), f32(bootstrap_value)
     gammas = jnp.broadcast_to(f32(gammas), shape)
     extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
+    next_index = next_values = None
     if valid is None:
-        next_index = None
         next_values = extended[..., 1:]
-    else:
+    elif resolve_next:
         steps = jnp.arange(shape[-1], dtype=jnp.int32)
         index = jnp.where(valid, steps, shape[-1])
         suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
@@ -122,18 +133,35 @@ def _prepare(
             [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)], axis=-1
         )
         next_values = jnp.take_along_axis(extended, next_index, axis=-1)
+    if valid is not None:
         rewards = jnp.where(valid, rewards, 0.0)
         values = jnp.where(valid, values, 0.0)
         gammas = jnp.where(valid, gammas, 0.0)
     chain = gammas
+    cut_values = None
     if truncated is not None:
         if valid is not None:
             cut = cut & valid
-        next_values = jnp.where(cut, f32(jnp.broadcast_to(final_values, shape)), next_values)
+        cut_values = f32(jnp.broadcast_to(final_values, shape))
+        if next_values is not None:
+            next_values = jnp.where(cut, cut_values, next_values)
         chain = jnp.where(cut, 0.0, gammas)
+    else:
+        cut = None
     if valid is None:
         valid = jnp.ones(shape, bool)
-    return _Steps(rewards, values, gammas, valid, next_values, chain, next_index)
+    return _Steps(
+        rewards,
+        values,
+        gammas,
+        valid,
+        next_values,
+        chain,
+        next_index,
+        bootstrap_value,
+        cut,
+        cut_values,
+    )
 
 
 def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
@@ -183,12 +211,51 @@ def _reverse_linear_associative(deltas: Array, coeffs: Array) -> Array:
     return out
 
 
+def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
+    """GAE under a mask in one reverse scan that also carries the next valid value.
+
+    The carry is ``(A_{t'}, V(s_{t'}))`` for the next valid step t'; a masked step
+    passes both through. This replaces the ``cummin`` and gather of the next
+    valid index, which on XLA:CPU cost more than the recursion itself.
+    """
+    shape = steps.rewards.shape
+    time_major = functools.partial(jnp.moveaxis, source=-1, destination=0)
+    xs = {
+        "gain": time_major(steps.rewards - steps.values),
+        "discount": time_major(steps.discounts),
+        "value": time_major(steps.values),
+        # uint8, not bool: XLA:CPU moves bytes of bool arrays several times slower.
+        "valid": time_major(steps.valid.astype(jnp.uint8)),
+    }
+    coeff = lam * steps.chain if steps.cut is not None or lam.ndim else None
+    if coeff is not None:
+        xs["coeff"] = time_major(jnp.broadcast_to(coeff, shape))
+    if steps.cut is not None:
+        xs["cut"] = time_major(steps.cut.astype(jnp.uint8))
+        xs["final"] = time_major(steps.final_values)
+
+    def body(carry, x):
+        advantage_next, value_next = carry
+        if "cut" in x:
+            value_next = jnp.where(x["cut"] != 0, x["final"], value_next)
+        chain = x["coeff"] if "coeff" in x else lam * x["discount"]
+        advantage = x["gain"] + x["discount"] * value_next + chain * carry[0]
+        keep = x["valid"] != 0
+        carry = (jnp.where(keep, advantage, advantage_next), jnp.where(keep, x["value"], carry[1]))
+        return carry, advantage
+
+    init = (jnp.zeros(shape[:-1], jnp.float32), steps.bootstrap_value)
+    _, out = jax.lax.scan(body, init, xs, reverse=True)
+    return jnp.where(steps.valid, jnp.moveaxis(out, 0, -1), 0.0)
+
+
 def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
     """GAE advantages with masked steps passed through (delta 0, coefficient 1)."""
+    if steps.next_values is None:
+        return _masked_gae_scan(steps, lam)
     deltas = steps.rewards + steps.discounts * steps.next_values - steps.values
     deltas = jnp.where(steps.valid, deltas, 0.0)
     coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
-    method = _resolve_method(method, deltas.shape[-1])
     solve = _reverse_linear_scan if method == "scan" else _reverse_linear_associative
     return jnp.where(steps.valid, solve(deltas, coeffs), 0.0)
 
@@ -353,7 +420,17 @@ def gae(
       Schulman et al., High-Dimensional Continuous Control Using Generalized
       Advantage Estimation, 2016.
     """
-    steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    method = _resolve_method(method, np.shape(rewards)[-1] if np.ndim(rewards) else 0)
+    steps = _prepare(
+        rewards,
+        values,
+        discounts,
+        bootstrap_value,
+        mask,
+        truncated,
+        final_values,
+        resolve_next=method != "scan",
+    )
     lam = _check_lambda(lambda_, steps.rewards.shape)
     advantages = _advantages(steps, lam, method)
     returns = jnp.where(steps.valid, advantages + steps.values, 0.0)
