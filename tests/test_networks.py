@@ -129,6 +129,28 @@ def test_attention_in_query_blocks_matches_numpy(monkeypatch):
     )
 
 
+def test_fused_attention_path_matches_numpy_and_the_block_gradients(monkeypatch):
+    """The GPU path (jax.nn.dot_product_attention), forced on this backend."""
+    model = tiny_transformer()
+    randomise_head(model)
+    toks = tokens()
+    graphdef, params = nnx.split(model)
+    expected = numpy_transformer(numpy_params(model), toks, HEADS)
+
+    def loss(params):
+        return jnp.sum(jnp.sin(valuefn.predict(graphdef, params, toks)))
+
+    block_grads = jax.grad(loss)(params)
+    monkeypatch.setattr(networks, "_fused_attention", lambda: True)
+    jax.clear_caches()  # predict is jitted: trace it anew
+    np.testing.assert_allclose(
+        np.asarray(valuefn.predict(graphdef, params, toks)), expected, rtol=1e-4, atol=1e-4
+    )
+    fused_grads = jax.grad(loss)(params)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(block_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + np.max(np.abs(b))))
+
+
 @pytest.mark.parametrize("features_in, features_out", [(3, 7), (7, 3)])
 def test_dense_weight_gradient_equals_autodiff(features_in, features_out):
     """Both layouts of the CPU weight gradient (x^T g and (g^T x)^T) against jax.grad of x @ w."""

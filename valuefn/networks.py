@@ -238,6 +238,10 @@ class CausalSelfAttention(nnx.Module):
     ``Q K^T`` is never computed (a quarter of it at T = 256), and each block
     normalises its ``[.., D/H]`` output by the softmax denominator instead of
     its ``[.., T]`` weights. The result is the same as the one-matrix form.
+
+    On a GPU it calls :func:`jax.nn.dot_product_attention` instead, which uses
+    cuDNN's fused (flash) attention where cuDNN supports the inputs and XLA's
+    one-matrix form otherwise.
     """
 
     def __init__(
@@ -251,6 +255,11 @@ class CausalSelfAttention(nnx.Module):
         batch, length, d_model = x.shape
         head_dim = d_model // self.num_heads
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
+        if _fused_attention():
+            attended = jax.nn.dot_product_attention(
+                qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True
+            )
+            return self.out(attended.reshape(batch, length, d_model))
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D/H]
         q, k, v = qkv[0] * (1 / math.sqrt(head_dim)), qkv[1], qkv[2]
         blocks = [
@@ -259,6 +268,11 @@ class CausalSelfAttention(nnx.Module):
         ]
         attended = jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3)  # [B, T, H, D/H]
         return self.out(attended.reshape(batch, length, d_model))
+
+
+def _fused_attention() -> bool:
+    """Whether attention goes through ``jax.nn.dot_product_attention`` (on a GPU)."""
+    return jax.default_backend() == "gpu"
 
 
 def _query_blocks(length: int) -> list[tuple[int, int]]:
