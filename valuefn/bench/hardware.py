@@ -6,7 +6,10 @@
   bytes it must move over this rate.
 - ``matmul float32`` and ``matmul bfloat16``: FLOPs per second of a large square
   matmul ``C = A B`` (``2 N^3`` FLOPs) in that dtype. A model's FLOPs over this
-  rate is the floor of its update step (model FLOP utilisation).
+  rate is the floor of its update step.
+- ``peak bfloat16``: the datasheet's dense bf16 rate of a known accelerator
+  (:data:`DATASHEET_BF16`), not measured; a model's FLOPs over it is the usual
+  model FLOP utilisation (MFU). Absent on other devices.
 
 :func:`limits` turns the figures into the rates the suite divides by: each at
 its best repeat, the closest the machine came to its limit.
@@ -21,6 +24,18 @@ from valuefn.bench.figures import Figure, measure, timed
 
 MEMORY = "memory bandwidth"
 MATMUL = {"float32": "matmul float32", "bfloat16": "matmul bfloat16"}
+PEAK_BF16 = "peak bfloat16"
+# Dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' datasheets, by a
+# substring of ``jax.Device.device_kind``; the SXM parts' figures.
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def datasheet_bf16(device_kind: str) -> float | None:
+    """The datasheet dense bf16 FLOP/s of ``device_kind``, or None if unknown."""
+    for name, rate in DATASHEET_BF16.items():
+        if name in device_kind:
+            return rate
+    return None
 
 
 def _sizes(quick: bool) -> tuple[int, int, int]:
@@ -82,6 +97,9 @@ def limits(figures: list[Figure]) -> dict[str, float]:
         for limit in (MEMORY, *MATMUL.values()):
             if figure.name.startswith(limit) and figure.work is not None:
                 best[limit] = max(best.get(limit, 0.0), figure.work / figure.min)
+    peak = datasheet_bf16(jax.devices()[0].device_kind)
+    if peak is not None:
+        best[PEAK_BF16] = peak
     return best
 
 

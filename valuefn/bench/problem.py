@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 import valuefn
-from valuefn.bench.hardware import MATMUL, transformer_flops
+from valuefn.bench.hardware import MATMUL, PEAK_BF16, datasheet_bf16, transformer_flops
 
 CLIP_EPSILON, LEARNING_RATE, MAX_GRAD_NORM, WEIGHT_DECAY = 0.2, 3e-4, 1.0, 0.01
 
@@ -39,6 +39,8 @@ class ModelSpec:
 
 REFERENCE = ModelSpec()
 TINY = ModelSpec(vocab=64, d_model=32, num_layers=1, num_heads=2)
+# GPT-2 small's shape: 124M parameters at max_len 1024 (85M in the blocks).
+GPT2_SMALL = ModelSpec(vocab=50257, d_model=768, num_layers=12, num_heads=12, dtype="bfloat16")
 
 
 def make_model(spec: ModelSpec, max_len: int) -> valuefn.TransformerValue:
@@ -97,5 +99,12 @@ def train_flops(spec: ModelSpec, rows: int, seq_len: int) -> float:
 
 
 def floor_name(spec: ModelSpec) -> str:
-    """The matmul rate the update step of ``spec`` is held against."""
+    """The rate the update step of ``spec`` is held against.
+
+    The measured matmul rate of its dtype; for bf16 on an accelerator with a
+    datasheet peak (:func:`valuefn.bench.hardware.datasheet_bf16`), that peak,
+    which makes the fraction the model FLOP utilisation.
+    """
+    if spec.dtype == "bfloat16" and datasheet_bf16(jax.devices()[0].device_kind) is not None:
+        return PEAK_BF16
     return MATMUL[spec.dtype]

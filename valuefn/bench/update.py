@@ -12,7 +12,11 @@ it twice as slow on a shared 2-core machine). Figures:
 - one update step, float32 and bf16 bodies;
 - ``E x M`` epochs x minibatches of 32 x 256 tokens inside ONE jitted
   :func:`valuefn.make_epochs_step` call (1, 4, 16 updates), against the same
-  loop over shuffled minibatches in PyTorch.
+  loop over shuffled minibatches in PyTorch;
+- one bf16 step of a GPT-2-small-shaped critic (d_model 768, 12 layers, 12
+  heads, vocab 50257: 124M parameters at 1024 positions), JAX only, held
+  against the datasheet bf16 peak on a known GPU (model FLOP utilisation) or
+  the measured bf16 matmul rate elsewhere.
 
 JAX and PyTorch calls are interleaved (one of each per round) so that both see
 the same machine load; each JAX figure's baseline is the PyTorch one (ratio
@@ -37,6 +41,10 @@ ROWS, SEQ_LEN = 32, 256
 QUICK_ROWS, QUICK_SEQ_LEN = 8, 16
 EPOCHS_X_MINIBATCHES = ((1, 1), (2, 2), (4, 4))
 QUICK_EPOCHS_X_MINIBATCHES = ((2, 2),)
+# The GPT-2-small-shaped critic in bf16 (problem.GPT2_SMALL), JAX only: rows x
+# length per step on an accelerator, and a token-sized batch on a CPU, where
+# one step of 16 x 1024 tokens would take minutes.
+LARGE_ROWS_X_LEN = {"cpu": (1, 256), "accelerator": (16, 1024)}
 
 
 def jax_runner(spec: problem.ModelSpec, batch: valuefn.Batch, epochs_x_minibatches=None):
@@ -192,4 +200,25 @@ def run(quick: bool) -> list[Figure]:
             figures.append(timed(f"torch eager {label}", timings["torch"], **work))
             against = (f"torch eager {label}", timings["torch"])
         figures.append(timed(f"valuefn {label}", timings["jax"], against=against, **work))
+    if not quick:
+        figures.append(large_model_step())
     return figures
+
+
+def large_model_step() -> Figure:
+    """One bf16 update step of the 124M-parameter critic, against the bf16 floor (MFU)."""
+    spec = problem.GPT2_SMALL
+    backend = "cpu" if jax.default_backend() == "cpu" else "accelerator"
+    rows, seq_len = LARGE_ROWS_X_LEN[backend]
+    batch = problem.make_batch(rows, seq_len, spec.vocab)
+    timing = measure_many({"jax": jax_runner(spec, batch)}, repeats=3)["jax"]
+    count = valuefn.count_parameters(nnx.eval_shape(lambda: problem.make_model(spec, seq_len)))
+    return timed(
+        f"valuefn update step ({rows}x{seq_len} tokens, {spec.describe()}, "
+        f"{count / 1e6:.0f}M parameters)",
+        timing,
+        work=rows * seq_len,
+        work_unit="tokens",
+        floor=problem.floor_name(spec),
+        floor_work=problem.train_flops(spec, rows, seq_len),
+    )
