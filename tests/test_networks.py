@@ -151,6 +151,20 @@ def test_fused_attention_path_matches_numpy_and_the_block_gradients(monkeypatch)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + np.max(np.abs(b))))
 
 
+def test_fused_attention_path_in_bf16_matches_the_block_form(monkeypatch):
+    """bf16 tries cuDNN first; where cuDNN is absent (here) XLA computes the same values."""
+    model = tiny_transformer(dtype=jnp.bfloat16)
+    randomise_head(model)
+    toks = tokens()
+    graphdef, params = nnx.split(model)
+    blocks = np.asarray(valuefn.predict(graphdef, params, toks))
+    monkeypatch.setattr(networks, "_fused_attention", lambda: True)
+    jax.clear_caches()
+    fused = np.asarray(valuefn.predict(graphdef, params, toks))
+    assert np.all(np.isfinite(fused))
+    np.testing.assert_allclose(fused, blocks, rtol=0.05, atol=0.05 * np.max(np.abs(blocks)))
+
+
 @pytest.mark.parametrize("features_in, features_out", [(3, 7), (7, 3)])
 def test_dense_weight_gradient_equals_autodiff(features_in, features_out):
     """Both layouts of the CPU weight gradient (x^T g and (g^T x)^T) against jax.grad of x @ w."""

@@ -239,9 +239,9 @@ class CausalSelfAttention(nnx.Module):
     normalises its ``[.., D/H]`` output by the softmax denominator instead of
     its ``[.., T]`` weights. The result is the same as the one-matrix form.
 
-    On a GPU it calls :func:`jax.nn.dot_product_attention` instead, which uses
-    cuDNN's fused (flash) attention where cuDNN supports the inputs and XLA's
-    one-matrix form otherwise.
+    On a GPU it calls :func:`jax.nn.dot_product_attention` instead: cuDNN's
+    fused (flash) attention for bf16 and float16 bodies where cuDNN accepts the
+    inputs, XLA's one-matrix form otherwise.
     """
 
     def __init__(
@@ -256,9 +256,7 @@ class CausalSelfAttention(nnx.Module):
         head_dim = d_model // self.num_heads
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
         if _fused_attention():
-            attended = jax.nn.dot_product_attention(
-                qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True
-            )
+            attended = _dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
             return self.out(attended.reshape(batch, length, d_model))
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D/H]
         q, k, v = qkv[0] * (1 / math.sqrt(head_dim)), qkv[1], qkv[2]
@@ -273,6 +271,21 @@ class CausalSelfAttention(nnx.Module):
 def _fused_attention() -> bool:
     """Whether attention goes through ``jax.nn.dot_product_attention`` (on a GPU)."""
     return jax.default_backend() == "gpu"
+
+
+def _dot_product_attention(q: Array, k: Array, v: Array) -> Array:
+    """Causal ``[B, T, H, D]`` attention by cuDNN where it takes the inputs, else by XLA.
+
+    cuDNN's fused attention takes half-precision inputs only, and
+    ``jax.nn.dot_product_attention`` raises while tracing when cuDNN is missing
+    or rejects the shapes; either way XLA's form computes the same function.
+    """
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
 def _query_blocks(length: int) -> list[tuple[int, int]]:
