@@ -183,6 +183,53 @@ def test_dense_weight_gradient_equals_autodiff(features_in, features_out):
     np.testing.assert_allclose(networks._matmul(x, w), x @ w, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_affine_gradients_equal_autodiff(dtype):
+    """x @ w + b: the custom VJP (canonical weight gradient, float32 bias sum) against jax.grad."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, 5, 4)), dtype)
+    w = jnp.asarray(rng.normal(size=(4, 6)), dtype)
+    b = jnp.asarray(rng.normal(size=(6,)), dtype)
+    probe = jnp.asarray(rng.normal(size=(3, 5, 6)), jnp.float32)
+
+    def loss(affine, x, w, b):
+        return jnp.sum(jnp.sin(affine(x, w, b).astype(jnp.float32)) * probe)
+
+    def plain(x, w, b):
+        return (jnp.matmul(x, w, preferred_element_type=jnp.float32) + b).astype(dtype)
+
+    custom = jax.jit(jax.grad(lambda *a: loss(networks._affine, *a), argnums=(0, 1, 2)))(x, w, b)
+    expected = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, w, b)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    for a, e in zip(custom, expected, strict=True):
+        assert a.dtype == e.dtype == dtype
+        e = np.asarray(e, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), e, rtol=tol, atol=tol * np.max(np.abs(e))
+        )
+
+
+def test_dense_layer_equals_nnx_linear():
+    """Same parameters as nnx.Linear, same values and gradients; bf16 body, float32 parameters."""
+    rngs = nnx.Rngs(0)
+    dense = networks._linear(4, 6, dtype=jnp.bfloat16, rngs=rngs)
+    dense.bias[...] = jnp.arange(6, dtype=jnp.float32) / 7
+    linear = nnx.Linear(4, 6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    nnx.update(linear, nnx.state(dense))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 4)), jnp.float32)
+
+    def loss(model):
+        return jnp.sum(jnp.cos(model(x).astype(jnp.float32)))
+
+    np.testing.assert_allclose(
+        np.asarray(dense(x), np.float32), np.asarray(linear(x), np.float32), rtol=1e-2
+    )
+    grads = [nnx.grad(loss)(m) for m in (dense, linear)]
+    for a, e in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        assert a.dtype == e.dtype == jnp.float32
+        np.testing.assert_allclose(a, e, rtol=3e-2, atol=3e-2 * np.max(np.abs(e)))
+
+
 def test_transformer_is_causal():
     model = tiny_transformer()
     randomise_head(model)
