@@ -47,6 +47,9 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
         if figure["floor"] is not None:
             assert figure["floor"]["limit"] in results["limits"]
             assert figure["floor"]["fraction"] > 0
+    [large] = [f for f in results["figures"] if f["name"].startswith("valuefn update step (")]
+    assert "bfloat16" in large["name"]
+    assert large["floor"]["limit"] in (hardware.MATMUL["bfloat16"], hardware.PEAK_BF16)
     gae = [f for f in results["figures"] if f["name"].startswith("gae auto ")]
     assert gae and all(f["baseline"] and f["floor"] for f in gae)
     assert "figure" in run.stdout and "vs baseline" in run.stdout

@@ -200,22 +200,27 @@ def run(quick: bool) -> list[Figure]:
             figures.append(timed(f"torch eager {label}", timings["torch"], **work))
             against = (f"torch eager {label}", timings["torch"])
         figures.append(timed(f"valuefn {label}", timings["jax"], against=against, **work))
-    if not quick:
+    if quick:
+        figures.append(large_model_step(dataclasses.replace(base, dtype="bfloat16"), (1, 16)))
+    else:
         figures.append(large_model_step())
     return figures
 
 
-def large_model_step() -> Figure:
-    """One bf16 update step of the 124M-parameter critic, against the bf16 floor (MFU)."""
-    spec = problem.GPT2_SMALL
+def large_model_step(spec: problem.ModelSpec = problem.GPT2_SMALL, rows_x_len=None) -> Figure:
+    """One bf16 update step of the 124M-parameter critic, against the bf16 floor (MFU).
+
+    ``spec`` and ``rows_x_len`` replace the model and the batch shape (a quick
+    run uses a tiny model); by default the batch is ``LARGE_ROWS_X_LEN`` of the
+    backend.
+    """
     backend = "cpu" if jax.default_backend() == "cpu" else "accelerator"
-    rows, seq_len = LARGE_ROWS_X_LEN[backend]
+    rows, seq_len = rows_x_len or LARGE_ROWS_X_LEN[backend]
     batch = problem.make_batch(rows, seq_len, spec.vocab)
     timing = measure_many({"jax": jax_runner(spec, batch)}, repeats=3)["jax"]
     count = valuefn.count_parameters(nnx.eval_shape(lambda: problem.make_model(spec, seq_len)))
     return timed(
-        f"valuefn update step ({rows}x{seq_len} tokens, {spec.describe()}, "
-        f"{count / 1e6:.0f}M parameters)",
+        f"valuefn update step ({rows}x{seq_len} tokens, {spec.describe()}, {count:,} parameters)",
         timing,
         work=rows * seq_len,
         work_unit="tokens",
