@@ -107,3 +107,22 @@ def test_transformer_flops_counts_three_passes_for_training():
     forward = (24 * 2 * 8**2 + 4 * 2 * 4 * 8) * 10
     assert hardware.transformer_flops(**shape, training=False) == forward
     assert hardware.transformer_flops(**shape) == 3 * forward
+
+
+def test_suite_imports_with_the_core_dependencies_only():
+    """A machine with jax, flax (which brings rich), optax and chex runs the suite.
+
+    orbax, matplotlib and tomli are the job's; torch and rlax are optional baselines.
+    """
+    blocked = ("orbax", "orbax.checkpoint", "matplotlib", "tomli", "torch", "rlax")
+    code = (
+        "import sys, importlib\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        "import valuefn.cli\n"
+        "from valuefn.bench import suite\n"
+        "for name in suite.BENCHMARKS: importlib.import_module('valuefn.bench.' + name)\n"
+        "from valuefn.bench import iteration\n"
+        "assert 'orbax.checkpoint' not in sys.modules or sys.modules['orbax.checkpoint'] is None\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]

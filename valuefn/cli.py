@@ -7,11 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
-
 
 class UsageError(Exception):
     """A bad flag or config file: reported on one line, exit code 2."""
@@ -23,6 +18,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _read_config(args: argparse.Namespace):
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+
     from valuefn.job import config_from_dict
 
     values = {}

@@ -25,7 +25,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from valuefn import checkpoint, report
 from valuefn.distributed import batch_sharding, shard_state
 from valuefn.envs.dialogue import DialogueConfig, Dialogues, dialogue_models, sample_dialogues
 from valuefn.losses import explained_variance, masked_mean
@@ -332,6 +331,10 @@ def run(
     Returns:
       The last iteration's metrics.
     """
+    # Imported here: the jitted pieces above need only the core dependencies,
+    # so the benchmarks run where orbax, rich and matplotlib are not installed.
+    from valuefn import checkpoint, report
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config)
