@@ -167,20 +167,24 @@ def test_fused_attention_path_in_bf16_matches_the_block_form(monkeypatch):
 
 @pytest.mark.parametrize("features_in, features_out", [(3, 7), (7, 3)])
 def test_dense_weight_gradient_equals_autodiff(features_in, features_out):
-    """Both layouts of the CPU weight gradient (x^T g and (g^T x)^T) against jax.grad of x @ w."""
+    """Both layouts of the CPU weight gradient (x^T g and (g^T x)^T) against jax.grad."""
     rng = np.random.default_rng(features_in)
     x = jnp.asarray(rng.normal(size=(2, 5, features_in)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(features_in, features_out)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(features_out,)), jnp.float32)
     probe = jnp.asarray(rng.normal(size=(2, 5, features_out)), jnp.float32)
 
-    def loss(matmul, x, w):
-        return jnp.sum(jnp.sin(matmul(x, w)) * probe)
+    def loss(affine, x, w, b):
+        return jnp.sum(jnp.sin(affine(x, w, b)) * probe)
 
-    custom = jax.jit(jax.grad(lambda x, w: loss(networks._matmul, x, w), argnums=(0, 1)))(x, w)
-    plain = jax.grad(lambda x, w: loss(jnp.matmul, x, w), argnums=(0, 1))(x, w)
-    for a, b in zip(custom, plain, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(networks._matmul(x, w), x @ w, rtol=1e-6)
+    def plain(x, w, b):
+        return x @ w + b
+
+    custom = jax.jit(jax.grad(lambda *a: loss(networks._affine, *a), argnums=(0, 1, 2)))(x, w, b)
+    expected = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, w, b)
+    for a, e in zip(custom, expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(networks._affine(x, w, b), plain(x, w, b), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -212,7 +216,7 @@ def test_affine_gradients_equal_autodiff(dtype):
 def test_dense_layer_equals_nnx_linear():
     """Same parameters as nnx.Linear, same values and gradients; bf16 body, float32 parameters."""
     rngs = nnx.Rngs(0)
-    dense = networks._linear(4, 6, dtype=jnp.bfloat16, rngs=rngs)
+    dense = networks._Dense(4, 6, dtype=jnp.bfloat16, rngs=rngs)
     dense.bias[...] = jnp.arange(6, dtype=jnp.float32) / 7
     linear = nnx.Linear(4, 6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     nnx.update(linear, nnx.state(dense))

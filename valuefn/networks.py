@@ -42,48 +42,23 @@ def _dot(a: Array, b: Array) -> Array:
 
 
 @jax.custom_vjp
-def _matmul(x: Array, kernel: Array) -> Array:
-    """``x [..., K] @ kernel [K, N] -> [..., N]``, with a weight gradient laid out for the CPU.
-
-    The gradients are the usual ones, ``dx = g kernel^T`` and
-    ``dkernel = x^T g`` (summed over all leading axes). XLA's CPU backend hands
-    ``x^T g`` with its contracting axis leading (a transposed left operand) to
-    a generic GEMM about half as fast as the library kernels it uses for
-    ``A [M, K] @ B [K, N]``; so the backward pass transposes the narrower of
-    ``x`` and ``g`` once into a real array (an ``optimization_barrier`` keeps
-    XLA from folding the transpose back into the dot) and multiplies in that
-    canonical form. Products accumulate in float32 (see :func:`_dot`).
-    """
-    return _dot(x, kernel)
-
-
-def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _dot(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
-    x, kernel = residuals
-    rows_x = x.reshape(-1, x.shape[-1])  # [M, K]
-    rows_grad = grad.reshape(-1, grad.shape[-1])  # [M, N]
-    barrier = jax.lax.optimization_barrier
-    if rows_x.shape[1] <= rows_grad.shape[1]:
-        grad_kernel = _dot(barrier(rows_x.T), rows_grad)
-    else:
-        grad_kernel = barrier(_dot(barrier(rows_grad.T), rows_x)).T
-    return _dot(grad, kernel.T), grad_kernel.astype(kernel.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
 def _affine(x: Array, kernel: Array, bias: Array) -> Array:
-    """``x @ kernel + bias`` with the gradients of :func:`_matmul` and a float32 bias sum.
+    """``x [..., K] @ kernel [K, N] + bias [N]``, with gradients laid out for the CPU.
 
-    The bias gradient is the sum of the output gradient over all rows,
-    accumulated in float32. Left to autodiff, XLA's CPU backend sums a bf16
-    gradient through a generic tree reduction (``reduce-window``) ten to
-    twenty times slower than its library reduction.
+    The gradients are the usual ones, ``dx = g kernel^T``,
+    ``dkernel = x^T g`` and ``dbias = sum g`` (summed over all leading axes),
+    computed in the forms XLA's CPU backend runs fastest:
+
+    - ``x^T g`` with its contracting axis leading (a transposed left operand)
+      goes to a generic GEMM about half as fast as the library kernels used for
+      ``A [M, K] @ B [K, N]``; so the narrower of ``x`` and ``g`` is transposed
+      once into a real array (an ``optimization_barrier`` keeps XLA from
+      folding the transpose back into the dot) and multiplied in that form.
+    - Left to autodiff, a bf16 bias gradient is summed through a generic tree
+      reduction (``reduce-window``) ten to twenty times slower than the library
+      reduction a float32 row sum gets.
+
+    Products accumulate in float32 (see :func:`_dot`).
     """
     return _dot(x, kernel) + bias
 
@@ -93,11 +68,20 @@ def _affine_fwd(x: Array, kernel: Array, bias: Array) -> tuple[Array, tuple[Arra
 
 
 def _affine_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array, Array]:
-    grad_x, grad_kernel = _matmul_bwd(residuals, grad)
-    kernel = residuals[1]
-    rows_grad = grad.reshape(-1, grad.shape[-1])
-    grad_bias = jnp.sum(rows_grad, axis=0, dtype=jnp.float32).astype(kernel.dtype)
-    return grad_x, grad_kernel, grad_bias
+    x, kernel = residuals
+    rows_x = x.reshape(-1, x.shape[-1])  # [M, K]
+    rows_grad = grad.reshape(-1, grad.shape[-1])  # [M, N]
+    barrier = jax.lax.optimization_barrier
+    if rows_x.shape[1] <= rows_grad.shape[1]:
+        grad_kernel = _dot(barrier(rows_x.T), rows_grad)
+    else:
+        grad_kernel = barrier(_dot(barrier(rows_grad.T), rows_x)).T
+    grad_bias = jnp.sum(rows_grad, axis=0, dtype=jnp.float32)
+    return (
+        _dot(grad, kernel.T),
+        grad_kernel.astype(kernel.dtype),
+        grad_bias.astype(kernel.dtype),
+    )
 
 
 _affine.defvjp(_affine_fwd, _affine_bwd)
@@ -123,11 +107,6 @@ class _Dense(nnx.Linear):
             (inputs, self.kernel[...], self.bias[...]), dtype=self.dtype
         )
         return _affine(inputs, kernel, bias)
-
-
-def _linear(in_features: int, out_features: int, **kwargs: Any) -> nnx.Linear:
-    """A :class:`_Dense`: an ``nnx.Linear`` with the CPU gradients of :func:`_affine`."""
-    return _Dense(in_features, out_features, **kwargs)
 
 
 def _zero_head(in_features: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -188,7 +167,7 @@ class MLPValue(nnx.Module):
         sizes = (in_features, *hidden_sizes)
         self.layers = nnx.List(
             [
-                _linear(n_in, n_out, dtype=dtype, rngs=rngs)
+                _Dense(n_in, n_out, dtype=dtype, rngs=rngs)
                 for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
             ]
         )
@@ -243,7 +222,7 @@ def _gpt2_linear(
     """A Linear with N(0, 0.02) weights; with ``num_layers``, a projection into the
     residual stream, whose weights are scaled by ``1 / sqrt(2 * num_layers)``."""
     std = _INIT_STD if num_layers is None else _INIT_STD / math.sqrt(2 * num_layers)
-    return _linear(
+    return _Dense(
         in_features,
         out_features,
         dtype=dtype,
