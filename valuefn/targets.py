@@ -235,13 +235,17 @@ def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
         xs["final"] = time_major(steps.final_values)
 
     def body(carry, x):
-        advantage_next, value_next = carry
+        advantage_next, value_next = carry  # at the next valid step
+        bootstrap = value_next
         if "cut" in x:
-            value_next = jnp.where(x["cut"] != 0, x["final"], value_next)
+            bootstrap = jnp.where(x["cut"] != 0, x["final"], value_next)
         chain = x["coeff"] if "coeff" in x else lam * x["discount"]
-        advantage = x["gain"] + x["discount"] * value_next + chain * carry[0]
+        advantage = x["gain"] + x["discount"] * bootstrap + chain * advantage_next
         keep = x["valid"] != 0
-        carry = (jnp.where(keep, advantage, advantage_next), jnp.where(keep, x["value"], carry[1]))
+        carry = (
+            jnp.where(keep, advantage, advantage_next),
+            jnp.where(keep, x["value"], value_next),
+        )
         return carry, advantage
 
     init = (jnp.zeros(shape[:-1], jnp.float32), steps.bootstrap_value)
