@@ -108,3 +108,14 @@ def floor_name(spec: ModelSpec) -> str:
     if spec.dtype == "bfloat16" and datasheet_bf16(jax.devices()[0].device_kind) is not None:
         return PEAK_BF16
     return MATMUL[spec.dtype]
+
+
+def step_work(spec: ModelSpec, rows: int, seq_len: int, updates: int = 1) -> dict:
+    """The ``work`` and floor keywords of :func:`valuefn.bench.figures.timed` for
+    ``updates`` update steps of ``spec`` on ``rows x seq_len`` tokens each."""
+    return {
+        "work": updates * rows * seq_len,
+        "work_unit": "tokens",
+        "floor": floor_name(spec),
+        "floor_work": updates * train_flops(spec, rows, seq_len),
+    }

@@ -72,10 +72,7 @@ def _run_here(quick: bool) -> list[Figure]:
                 f"scaling update step {n} device(s) x {rows}x{seq_len}",
                 timing,
                 against=("1 device (ideal weak scaling)", one_device),
-                work=n * rows * seq_len,
-                work_unit="tokens",
-                floor=problem.floor_name(spec),
-                floor_work=problem.train_flops(spec, n * rows, seq_len),
+                **problem.step_work(spec, n * rows, seq_len),
             )
         )
     return figures

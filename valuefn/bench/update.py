@@ -189,12 +189,7 @@ def run(quick: bool) -> list[Figure]:
         else:
             timings = measure_many(fns, repeats=1, warmup=0)
         label = f"{name} {dtype} ({updates} x {rows}x{seq_len} tokens, {spec.describe()})"
-        work = {
-            "work": updates * rows * seq_len,
-            "work_unit": "tokens",
-            "floor": problem.floor_name(spec),
-            "floor_work": updates * problem.train_flops(spec, rows, seq_len),
-        }
+        work = problem.step_work(spec, rows, seq_len, updates)
         against = None
         if torch is not None:
             figures.append(timed(f"torch eager {label}", timings["torch"], **work))
@@ -222,8 +217,5 @@ def large_model_step(spec: problem.ModelSpec = problem.GPT2_SMALL, rows_x_len=No
     return timed(
         f"valuefn update step ({rows}x{seq_len} tokens, {spec.describe()}, {count:,} parameters)",
         timing,
-        work=rows * seq_len,
-        work_unit="tokens",
-        floor=problem.floor_name(spec),
-        floor_work=problem.train_flops(spec, rows, seq_len),
+        **problem.step_work(spec, rows, seq_len),
     )
