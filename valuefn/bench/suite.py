@@ -23,6 +23,8 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
+from valuefn import _host
+
 BENCHMARKS = ("hardware", "targets", "update", "footprint", "rollout", "iteration", "scaling")
 VERSIONED = ("valuefn", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "rlax")
 SCHEMA = 1
@@ -95,6 +97,8 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "transparent_huge_pages": _host.transparent_huge_pages(),
     }
 
 
@@ -245,9 +249,12 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
         )
     headers = ["figure", "median", "min", "max", "rate", "baseline", "vs baseline", "of limit"]
     machine, versions = results["machine"], results["versions"]
+    tunables = machine.get("glibc_tunables")
     lines = [
         f"{machine['backend']}: {machine['device_count']} x {machine['device_kind']}, "
-        f"{machine['processor']}, {machine['cpu_count']} CPUs; jax {versions['jax']}, "
+        f"{machine['processor']}, {machine['cpu_count']} CPUs"
+        + (f" (GLIBC_TUNABLES={tunables})" if tunables else "")
+        + f"; jax {versions['jax']}, "
         f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
         + (" (quick)" if results["quick"] else ""),
         *([""] if markdown else []),
