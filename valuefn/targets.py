@@ -121,8 +121,9 @@ def _prepare(
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     rewards, values, bootstrap_value = f32(rewards), f32(values), f32(bootstrap_value)
     gammas = jnp.broadcast_to(f32(gammas), shape)
-    extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
     next_index = next_values = None
+    if valid is None or resolve_next:
+        extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
     if valid is None:
         next_values = extended[..., 1:]
     elif resolve_next:
