@@ -1,6 +1,7 @@
 """The huge-page start-up of the ``valuefn`` command (valuefn._host)."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -78,7 +79,7 @@ def test_the_rerun_keeps_the_arguments_and_sets_the_tunable_once(tmp_path):
         check=True,
     ).stdout.splitlines()
     expected = _host.huge_pages_environment(
-        environ, libc=_host.platform.libc_ver()[0], thp_mode=_host.transparent_huge_pages()
+        environ, libc=platform.libc_ver()[0], thp_mode=_host.transparent_huge_pages()
     )
     if expected is None:
         assert lines == ["start", "['a b', '--c'] None"]

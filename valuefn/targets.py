@@ -124,16 +124,17 @@ def _prepare(
     next_index = next_values = None
     if valid is None or resolve_next:
         extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
-    if valid is None:
-        next_values = extended[..., 1:]
-    elif resolve_next:
-        steps = jnp.arange(shape[-1], dtype=jnp.int32)
-        index = jnp.where(valid, steps, shape[-1])
-        suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
-        next_index = jnp.concatenate(
-            [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)], axis=-1
-        )
-        next_values = jnp.take_along_axis(extended, next_index, axis=-1)
+        if valid is None:
+            next_values = extended[..., 1:]
+        else:
+            steps = jnp.arange(shape[-1], dtype=jnp.int32)
+            index = jnp.where(valid, steps, shape[-1])
+            suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
+            next_index = jnp.concatenate(
+                [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)],
+                axis=-1,
+            )
+            next_values = jnp.take_along_axis(extended, next_index, axis=-1)
     if valid is not None:
         rewards = jnp.where(valid, rewards, 0.0)
         values = jnp.where(valid, values, 0.0)
