@@ -355,10 +355,11 @@ def test_bootstrap_value_is_ignored_after_termination(name):
     np.testing.assert_allclose(call(kernel, other), call(kernel, inputs), **TOL)
 
 
+@pytest.mark.parametrize("truncations", [True, False])
 @pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_discounts_broadcast_like_full_arrays(name):
+def test_discounts_broadcast_like_full_arrays(name, truncations):
     kernel, _ = KERNELS[name]
-    inputs = make_episode((3, 6), seed=6, per_step_discounts=False)
+    inputs = make_episode((3, 6), seed=6, per_step_discounts=False, truncations=truncations)
     rng = np.random.default_rng(6)
     for discounts in (
         rng.uniform(size=6).astype(np.float32),
@@ -371,6 +372,18 @@ def test_discounts_broadcast_like_full_arrays(name):
             call(kernel, {**inputs, "discounts": full}),
             **TOL,
         )
+
+
+@pytest.mark.parametrize("truncations", [True, False])
+@pytest.mark.parametrize("method", METHODS)
+def test_lambda_broadcasts_like_a_full_array(method, truncations):
+    inputs = make_episode((3, 6), seed=7, truncations=truncations)
+    rng = np.random.default_rng(7)
+    for lambda_ in (rng.uniform(size=6), rng.uniform(size=(3, 1)), 0.7):
+        lambda_ = np.float32(lambda_)
+        full = np.broadcast_to(lambda_, (3, 6))
+        got = call(vf.lambda_returns, inputs, lambda_, method=method)
+        np.testing.assert_allclose(got, call(ref.lambda_returns, inputs, full), **TOL)
 
 
 def test_discounts_are_gamma_except_at_terminations():

@@ -45,7 +45,8 @@ class _Steps(NamedTuple):
 
     rewards: Array  # [..., T]
     values: Array  # [..., T]
-    discounts: Array  # [..., T]
+    discounts: Array  # [..., T], 0 on masked steps
+    gamma: Array  # discounts as given, float32, broadcastable to [..., T], not masked
     valid: Array  # [..., T] bool
     next_values: Array | None  # [..., T] V after step t: final value, next valid value or bootstrap
     chain: Array  # [..., T] discount into the next valid step's return, 0 at truncation
@@ -120,7 +121,8 @@ def _prepare(
 
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     rewards, values, bootstrap_value = f32(rewards), f32(values), f32(bootstrap_value)
-    gammas = jnp.broadcast_to(f32(gammas), shape)
+    gamma = f32(gammas)
+    gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
     if valid is None or resolve_next:
         extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
@@ -156,6 +158,7 @@ def _prepare(
         rewards,
         values,
         gammas,
+        gamma,
         valid,
         next_values,
         chain,
@@ -213,36 +216,51 @@ def _reverse_linear_associative(deltas: Array, coeffs: Array) -> Array:
     return out
 
 
+def _constant_in_time(x: Array, shape: tuple[int, ...]) -> Array | None:
+    """``x`` (broadcastable to ``shape = [..., T]``) as a ``[...]`` array when it
+    does not vary along time, else None."""
+    if x.ndim and x.shape[-1] != 1:
+        return None
+    return jnp.broadcast_to(x[..., 0] if x.ndim else x, shape[:-1])
+
+
 def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
     """GAE under a mask in one reverse scan that also carries the next valid value.
 
     The carry is ``(A_{t'}, V(s_{t'}))`` for the next valid step t'; a masked step
     passes both through. This replaces the ``cummin`` and gather of the next
     valid index, which on XLA:CPU cost more than the recursion itself.
+
+    Every per-step input is moved time-major, the main cost of the kernel on a
+    CPU, so a discount or lambda constant along time stays out of the scanned
+    inputs; the advantage a masked step computes from it is discarded.
     """
     shape = steps.rewards.shape
     time_major = functools.partial(jnp.moveaxis, source=-1, destination=0)
     xs = {
         "gain": time_major(steps.rewards - steps.values),
-        "discount": time_major(steps.discounts),
         "value": time_major(steps.values),
         # uint8, not bool: XLA:CPU moves bytes of bool arrays several times slower.
         "valid": time_major(steps.valid.astype(jnp.uint8)),
     }
-    coeff = lam * steps.chain if steps.cut is not None or lam.ndim else None
-    if coeff is not None:
-        xs["coeff"] = time_major(jnp.broadcast_to(coeff, shape))
+    gamma = _constant_in_time(steps.gamma, shape)
+    if gamma is None:
+        xs["discount"] = time_major(steps.discounts)
+    lam_now = _constant_in_time(lam, shape)
+    if steps.cut is not None or lam_now is None:
+        xs["coeff"] = time_major(jnp.broadcast_to(lam * steps.chain, shape))
     if steps.cut is not None:
         xs["cut"] = time_major(steps.cut.astype(jnp.uint8))
         xs["final"] = time_major(steps.final_values)
 
     def body(carry, x):
         advantage_next, value_next = carry  # at the next valid step
+        discount = x["discount"] if gamma is None else gamma
         bootstrap = value_next
         if "cut" in x:
             bootstrap = jnp.where(x["cut"] != 0, x["final"], value_next)
-        chain = x["coeff"] if "coeff" in x else lam * x["discount"]
-        advantage = x["gain"] + x["discount"] * bootstrap + chain * advantage_next
+        chain = x["coeff"] if "coeff" in x else lam_now * discount
+        advantage = x["gain"] + discount * bootstrap + chain * advantage_next
         keep = x["valid"] != 0
         carry = (
             jnp.where(keep, advantage, advantage_next),
