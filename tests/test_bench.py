@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -82,6 +83,21 @@ def test_gae_without_torch_or_rlax_is_compared_with_the_numpy_loop():
     assert names[0] == "gae numpy loop 2x16"
     assert all(f.baseline == "numpy loop 2x16" for f in figures[1:])
     assert all(f.floor_work == targets.gae_bytes(2, 16) for f in figures[1:])
+
+
+def test_gae_is_compared_with_rlax_output_for_output():
+    def rlax_gae(rewards, discounts, lambda_, values, stop_target_gradients):
+        return rewards + discounts * values[1:] - values[:-1]  # any function of rlax's inputs
+
+    rlax = types.SimpleNamespace(truncated_generalized_advantage_estimation=rlax_gae)
+    figures = {f.name: f for f in targets.compare_shape(2, 16, repeats=1, torch=None, rlax=rlax)}
+    both = figures["gae auto, per-step discounts, no mask 2x16"]
+    advantages = figures["gae auto advantages, per-step discounts, no mask 2x16"]
+    assert both.baseline == "rlax + returns 2x16"
+    assert both.floor_work == targets.gae_bytes(2, 16)
+    assert advantages.baseline == "rlax 2x16"
+    assert advantages.floor_work == targets.gae_bytes(2, 16, outputs=1)
+    assert advantages.floor_work < both.floor_work
 
 
 def test_floor_fraction_is_the_floor_time_over_the_measured_time():

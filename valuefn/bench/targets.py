@@ -7,9 +7,12 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
   iteration per token, eager), or the same loop in NumPy without torch. Their
   floor is the memory bandwidth: rewards, values and mask read and advantages
   and returns written, 4 bytes each.
-- ``gae auto, per-step discounts, no mask``: against
-  ``rlax.truncated_generalized_advantage_estimation`` vmapped over the batch,
-  on the inputs rlax takes (it has no mask), when rlax is installed.
+- against ``rlax.truncated_generalized_advantage_estimation`` vmapped over the
+  batch, on the inputs rlax takes (per-step discounts, no mask), when rlax is
+  installed, output for output: ``gae auto advantages, ...`` (the jitted call
+  returns only the advantages, so XLA drops the returns) against rlax alone,
+  and ``gae auto, ...`` (advantages and returns, what a critic trains on)
+  against rlax plus ``advantages + values``.
 
 The method map times ``associative`` against ``scan`` over a grid of shapes
 (``ratio`` is the associative method's speed-up); ``auto`` is chosen from it.
@@ -36,6 +39,8 @@ MAP_GPU = tuple(
     (b, t) for b in (1, 16, 256, 4096) for t in (64, 256, 1024, 4096, 16384) if b * t <= 1 << 26
 )
 QUICK_MAP = ((2, 32),)
+NO_MASK = "gae auto, per-step discounts, no mask"
+NO_MASK_ADVANTAGES = "gae auto advantages, per-step discounts, no mask"
 
 
 def numpy_gae(rewards, values, bootstrap, mask):
@@ -76,11 +81,11 @@ def make_inputs(batch: int, horizon: int, seed: int = 0):
     return rewards, values, bootstrap, mask
 
 
-def gae_bytes(batch: int, horizon: int, *, per_step_inputs: int = 3) -> int:
+def gae_bytes(batch: int, horizon: int, *, per_step_inputs: int = 3, outputs: int = 2) -> int:
     """Bytes a GAE kernel must move: ``per_step_inputs`` float32 ``[B, T]`` arrays
     read (rewards, values, and the mask or the discounts), the bootstrap ``[B]``
-    read, advantages and returns written."""
-    return 4 * ((per_step_inputs + 2) * batch * horizon + batch)
+    read, and ``outputs`` arrays written (advantages, and returns unless 1)."""
+    return 4 * ((per_step_inputs + outputs) * batch * horizon + batch)
 
 
 def _gae_fn(method: str):
@@ -110,10 +115,12 @@ def compare_shape(batch: int, horizon: int, *, repeats: int, torch, rlax) -> lis
                 )
             )
         )
+        with_returns = jax.jit(lambda r, d, v_ext: _with_returns(rlax_gae(r, d, v_ext), v_ext))
+        advantages_only = jax.jit(lambda *args: _gae_fn("auto")(*args)[0])
         calls["rlax"] = functools.partial(rlax_gae, r, d, v_ext)
-        calls["gae auto, per-step discounts, no mask"] = functools.partial(
-            _gae_fn("auto"), r, v, d, b
-        )
+        calls["rlax + returns"] = functools.partial(with_returns, r, d, v_ext)
+        calls[NO_MASK] = functools.partial(_gae_fn("auto"), r, v, d, b)
+        calls[NO_MASK_ADVANTAGES] = functools.partial(advantages_only, r, v, d, b)
 
     with torch.no_grad() if torch is not None else contextlib.nullcontext():
         timings = measure_many(calls, repeats=repeats)
@@ -122,31 +129,26 @@ def compare_shape(batch: int, horizon: int, *, repeats: int, torch, rlax) -> lis
     steps = {"work": batch * horizon, "work_unit": "steps"}
     loop = "torch loop" if torch is not None else "numpy loop"
     figures = [timed(f"gae {loop} {shape}", timings[loop], **steps)]
-    for method in ("scan", "associative", "auto"):
-        name = f"gae {method}"
+    compared = [(f"gae {method}", loop, 2) for method in ("scan", "associative", "auto")]
+    if rlax is not None:
+        figures.append(timed(f"gae rlax (vmapped) {shape}", timings["rlax"], **steps))
+        compared += [(NO_MASK_ADVANTAGES, "rlax", 1), (NO_MASK, "rlax + returns", 2)]
+    for name, baseline, outputs in compared:
         figures.append(
             timed(
                 f"{name} {shape}",
                 timings[name],
-                against=(f"{loop} {shape}", timings[loop]),
+                against=(f"{baseline} {shape}", timings[baseline]),
                 floor=MEMORY,
-                floor_work=gae_bytes(batch, horizon),
-                **steps,
-            )
-        )
-    if rlax is not None:
-        figures.append(timed(f"gae rlax (vmapped) {shape}", timings["rlax"], **steps))
-        figures.append(
-            timed(
-                f"gae auto, per-step discounts, no mask {shape}",
-                timings["gae auto, per-step discounts, no mask"],
-                against=(f"rlax {shape}", timings["rlax"]),
-                floor=MEMORY,
-                floor_work=gae_bytes(batch, horizon),
+                floor_work=gae_bytes(batch, horizon, outputs=outputs),
                 **steps,
             )
         )
     return figures
+
+
+def _with_returns(advantages, extended_values):
+    return advantages, advantages + extended_values[:, :-1]
 
 
 def method_map(shapes, *, repeats: int) -> list[Figure]:
