@@ -118,6 +118,18 @@ def test_measure_many_times_every_function_each_round():
     assert all(isinstance(t, Timing) and t.repeats == 3 for t in timings.values())
 
 
+def test_measure_many_back_to_back_calls_each_function_again_before_timing_it():
+    calls = []
+    timings = measure_many(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=2,
+        warmup=0,
+        back_to_back=True,
+    )
+    assert calls == ["a", "a", "b", "b"] * 2
+    assert all(t.repeats == 2 for t in timings.values())
+
+
 def test_transformer_flops_counts_three_passes_for_training():
     shape = dict(d_model=8, num_layers=2, seq_len=4, tokens=10)
     forward = (24 * 2 * 8**2 + 4 * 2 * 4 * 8) * 10

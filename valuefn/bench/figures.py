@@ -96,13 +96,25 @@ def measure(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1) -> T
 
 
 def measure_many(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    back_to_back: bool = False,
 ) -> dict[str, Timing]:
     """Wall times of several functions, taken in turn: one call of each per round.
 
     On a machine shared with other work the load changes from second to second;
     interleaving puts the same load on every function, so their ratios hold even
     when the absolute times wander.
+
+    With ``back_to_back`` each timed call comes straight after an untimed call of
+    the same function, as steps do in a training loop. Without it a call follows
+    the other functions' turns, and on a virtual machine that hands idle memory
+    back to its host (the benchmark machine does within a second or two) a call
+    that maps large buffers afresh, as XLA:CPU does its temporaries on every
+    call, first waits for the host to back them again: 2 to 4 s of kernel time
+    for one update step of the reference critic, against 0.2 s back to back.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -110,6 +122,8 @@ def measure_many(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if back_to_back:
+                jax.block_until_ready(fn())
             times[name].append(_wall_time(fn))
     return {
         name: Timing(statistics.median(t), min(t), max(t), repeats) for name, t in times.items()

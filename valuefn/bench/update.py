@@ -19,8 +19,11 @@ it twice as slow on a shared 2-core machine). Figures:
   the measured bf16 matmul rate elsewhere.
 
 JAX and PyTorch calls are interleaved (one of each per round) so that both see
-the same machine load; each JAX figure's baseline is the PyTorch one (ratio
-above 1: JAX is faster), and its floor is the model FLOPs over the matmul rate
+the same machine load, and each timed call comes straight after an untimed
+call of the same function, as steps do in a training loop (see
+:func:`valuefn.bench.figures.measure_many` for why that matters on a virtual
+machine); each JAX figure's baseline is the PyTorch one (ratio above 1: JAX is
+faster), and its floor is the model FLOPs over the matmul rate
 of its dtype. The suite runs with XLA's XNNPACK matmuls on a CPU (see
 :data:`valuefn.bench.suite.TUNED_XLA_FLAGS`).
 """
@@ -182,12 +185,13 @@ def run(quick: bool) -> list[Figure]:
         fns = {"jax": jax_runner(spec, batch, exm)}
         if torch is not None:
             fns["torch"] = torch_runner(torch, spec, batch, exm or (1, 1))
-        # A call of many updates already averages over them and pays no first-call
-        # costs worth a warm-up: one round, so that the suite stays within minutes.
+        # Every timed call right after an untimed one, as in a training loop (see
+        # measure_many). A call of many updates already averages over them: one
+        # round, so that the suite stays within minutes.
         if updates == 1:
-            timings = measure_many(fns, repeats=3)
+            timings = measure_many(fns, repeats=3, warmup=0, back_to_back=True)
         else:
-            timings = measure_many(fns, repeats=1, warmup=0)
+            timings = measure_many(fns, repeats=1, warmup=0, back_to_back=True)
         label = f"{name} {dtype} ({updates} x {rows}x{seq_len} tokens, {spec.describe()})"
         work = problem.step_work(spec, rows, seq_len, updates)
         against = None
