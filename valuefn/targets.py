@@ -124,19 +124,18 @@ def _prepare(
     gamma = f32(gammas)
     gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
-    if valid is None or resolve_next:
+    if valid is None:
+        next_values = _shift_left(values, bootstrap_value)
+    elif resolve_next:
         extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
-        if valid is None:
-            next_values = extended[..., 1:]
-        else:
-            steps = jnp.arange(shape[-1], dtype=jnp.int32)
-            index = jnp.where(valid, steps, shape[-1])
-            suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
-            next_index = jnp.concatenate(
-                [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)],
-                axis=-1,
-            )
-            next_values = jnp.take_along_axis(extended, next_index, axis=-1)
+        steps = jnp.arange(shape[-1], dtype=jnp.int32)
+        index = jnp.where(valid, steps, shape[-1])
+        suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
+        next_index = jnp.concatenate(
+            [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)],
+            axis=-1,
+        )
+        next_values = jnp.take_along_axis(extended, next_index, axis=-1)
     if valid is not None:
         rewards = jnp.where(valid, rewards, 0.0)
         values = jnp.where(valid, values, 0.0)
@@ -167,6 +166,18 @@ def _prepare(
         cut,
         cut_values,
     )
+
+
+def _shift_left(x: Array, last: Array) -> Array:
+    """``x[..., t + 1]`` along the last axis, ``last[...]`` at the end.
+
+    A pad, which XLA fuses into the arithmetic that reads it; a concatenate is
+    copied out first, a pass over the array that costs about 10% of a GAE call.
+    """
+    widths = [(0, 0, 0)] * (x.ndim - 1) + [(-1, 1, 0)]
+    shifted = jax.lax.pad(x, jnp.zeros((), x.dtype), widths)
+    at_end = jnp.arange(x.shape[-1]) == x.shape[-1] - 1
+    return jnp.where(at_end, last[..., None], shifted)
 
 
 def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
