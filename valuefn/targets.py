@@ -405,12 +405,11 @@ def n_step_targets(
     steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
     horizon = steps.rewards.shape[-1]
     one_step = steps.rewards + steps.discounts * steps.next_values
-    last = jnp.asarray(bootstrap_value, jnp.float32)[..., None]
 
     def next_return(returns):
-        extended = jnp.concatenate([returns, last], axis=-1)
         if steps.next_index is None:
-            return extended[..., 1:]
+            return _shift_left(returns, steps.bootstrap_value)
+        extended = jnp.concatenate([returns, steps.bootstrap_value[..., None]], axis=-1)
         return jnp.take_along_axis(extended, steps.next_index, axis=-1)
 
     def body(_, returns):
