@@ -124,18 +124,15 @@ def _prepare(
     gamma = f32(gammas)
     gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
-    if valid is None:
-        next_values = _shift_left(values, bootstrap_value)
-    elif resolve_next:
-        extended = jnp.concatenate([values, bootstrap_value[..., None]], axis=-1)
+    if valid is not None and resolve_next:
         steps = jnp.arange(shape[-1], dtype=jnp.int32)
         index = jnp.where(valid, steps, shape[-1])
         suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
         next_index = jnp.concatenate(
-            [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)],
-            axis=-1,
+            [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)], axis=-1
         )
-        next_values = jnp.take_along_axis(extended, next_index, axis=-1)
+    if valid is None or resolve_next:
+        next_values = _at_next(values, bootstrap_value, next_index)
     if valid is not None:
         rewards = jnp.where(valid, rewards, 0.0)
         values = jnp.where(valid, values, 0.0)
@@ -166,6 +163,18 @@ def _prepare(
         cut,
         cut_values,
     )
+
+
+def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
+    """``x`` at the step after each t along the last axis, ``last[...]`` past the end.
+
+    Without a mask (``next_index`` None) that is ``x[..., t + 1]``; with one, ``x``
+    at ``next_index``, the next valid step.
+    """
+    if next_index is None:
+        return _shift_left(x, last)
+    extended = jnp.concatenate([x, last[..., None]], axis=-1)
+    return jnp.take_along_axis(extended, next_index, axis=-1)
 
 
 def _shift_left(x: Array, last: Array) -> Array:
@@ -406,14 +415,9 @@ def n_step_targets(
     horizon = steps.rewards.shape[-1]
     one_step = steps.rewards + steps.discounts * steps.next_values
 
-    def next_return(returns):
-        if steps.next_index is None:
-            return _shift_left(returns, steps.bootstrap_value)
-        extended = jnp.concatenate([returns, steps.bootstrap_value[..., None]], axis=-1)
-        return jnp.take_along_axis(extended, steps.next_index, axis=-1)
-
     def body(_, returns):
-        return one_step + steps.chain * (next_return(returns) - steps.next_values)
+        next_returns = _at_next(returns, steps.bootstrap_value, steps.next_index)
+        return one_step + steps.chain * (next_returns - steps.next_values)
 
     targets = jax.lax.fori_loop(0, min(int(n), horizon), body, steps.values)
     return _finish(jnp.where(steps.valid, targets, 0.0), stop_target_gradients)

@@ -188,10 +188,8 @@ def run(quick: bool) -> list[Figure]:
         # Every timed call right after an untimed one, as in a training loop (see
         # measure_many). A call of many updates already averages over them: one
         # round, so that the suite stays within minutes.
-        if updates == 1:
-            timings = measure_many(fns, repeats=3, warmup=0, back_to_back=True)
-        else:
-            timings = measure_many(fns, repeats=1, warmup=0, back_to_back=True)
+        repeats = 3 if updates == 1 else 1
+        timings = measure_many(fns, repeats=repeats, warmup=0, back_to_back=True)
         label = f"{name} {dtype} ({updates} x {rows}x{seq_len} tokens, {spec.describe()})"
         work = problem.step_work(spec, rows, seq_len, updates)
         against = None
