@@ -119,6 +119,7 @@ def test_transformer_matches_numpy_gpt2_forward():
 def test_attention_in_query_blocks_matches_numpy(monkeypatch):
     """Blocks of 5 queries over T = 12: full blocks, a short last block, the same answer."""
     monkeypatch.setattr(networks, "_QUERY_BLOCK", 5)
+    jax.clear_caches()  # predict is jitted: trace it with these blocks
     model = tiny_transformer()
     randomise_head(model)
     toks = tokens()
@@ -129,8 +130,12 @@ def test_attention_in_query_blocks_matches_numpy(monkeypatch):
     )
 
 
-def test_fused_attention_path_matches_numpy_and_the_block_gradients(monkeypatch):
-    """The GPU path (jax.nn.dot_product_attention), forced on this backend."""
+@pytest.mark.parametrize("query_block", [128, 5])
+def test_fused_attention_path_matches_numpy_and_the_block_gradients(monkeypatch, query_block):
+    """The GPU path (jax.nn.dot_product_attention), forced on this backend, against the
+    blocks: one block, and blocks of 5 + 5 + 2 queries over T = 12."""
+    monkeypatch.setattr(networks, "_QUERY_BLOCK", query_block)
+    jax.clear_caches()  # predict is jitted: trace it with these blocks
     model = tiny_transformer()
     randomise_head(model)
     toks = tokens()
@@ -185,6 +190,18 @@ def test_dense_weight_gradient_equals_autodiff(features_in, features_out):
     for a, e in zip(custom, expected, strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(networks._affine(x, w, b), plain(x, w, b), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows, columns", [(8192, 3), (12, 5), (7, 4), (1, 6), (130, 1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_transposed_is_the_transpose(rows, columns, dtype):
+    """The CPU weight gradient's transpose into a row-major array, under jit."""
+    x = np.random.default_rng(rows).normal(size=(rows, columns)).astype(np.float32)
+    got = jax.jit(networks._transposed)(jnp.asarray(x, dtype))
+    assert got.shape == (columns, rows) and got.dtype == dtype
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(jnp.asarray(x, dtype).T, np.float32)
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -52,8 +52,8 @@ def _affine(x: Array, kernel: Array, bias: Array) -> Array:
     - ``x^T g`` with its contracting axis leading (a transposed left operand)
       goes to a generic GEMM about half as fast as the library kernels used for
       ``A [M, K] @ B [K, N]``; so the narrower of ``x`` and ``g`` is transposed
-      once into a real array (an ``optimization_barrier`` keeps XLA from
-      folding the transpose back into the dot) and multiplied in that form.
+      once into a real array (see :func:`_transposed`) and multiplied in that
+      form.
     - Left to autodiff, a bf16 bias gradient is summed through a generic tree
       reduction (``reduce-window``) ten to twenty times slower than the library
       reduction a float32 row sum gets.
@@ -71,11 +71,10 @@ def _affine_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Arr
     x, kernel = residuals
     rows_x = x.reshape(-1, x.shape[-1])  # [M, K]
     rows_grad = grad.reshape(-1, grad.shape[-1])  # [M, N]
-    barrier = jax.lax.optimization_barrier
     if rows_x.shape[1] <= rows_grad.shape[1]:
-        grad_kernel = _dot(barrier(rows_x.T), rows_grad)
+        grad_kernel = _dot(_transposed(rows_x), rows_grad)
     else:
-        grad_kernel = barrier(_dot(barrier(rows_grad.T), rows_x)).T
+        grad_kernel = jax.lax.optimization_barrier(_dot(_transposed(rows_grad), rows_x)).T
     grad_bias = jnp.sum(rows_grad, axis=0, dtype=jnp.float32)
     return (
         _dot(grad, kernel.T),
@@ -85,6 +84,22 @@ def _affine_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Arr
 
 
 _affine.defvjp(_affine_fwd, _affine_bwd)
+
+
+def _transposed(rows: Array) -> Array:
+    """``rows [M, N]`` transposed into a real, row-major ``[N, M]`` array.
+
+    A plain ``rows.T`` reaches XLA as a change of layout, which its CPU backend
+    folds into the dot that reads it. That dot then has a column-major operand:
+    the library GEMMs reject it, and a bf16 one is computed in float32 at half
+    the rate. Transposing ``[a, M / a, N]`` to ``[N, a, M / a]`` and merging the
+    last two axes gives the same array with an ordinary layout, and an
+    ``optimization_barrier`` keeps XLA's simplifier from folding it back.
+    """
+    m, n = rows.shape
+    a = math.gcd(m, 64)
+    split = rows.reshape(a, m // a, n).transpose(2, 0, 1).reshape(n, m)
+    return jax.lax.optimization_barrier(split)
 
 
 class _Dense(nnx.Linear):
@@ -261,10 +276,21 @@ class CausalSelfAttention(nnx.Module):
             attended = _dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
             return self.out(attended.reshape(batch, length, d_model))
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D/H]
-        q, k, v = qkv[0] * (1 / math.sqrt(head_dim)), qkv[1], qkv[2]
+        q, k, v = (x[0] for x in jnp.split(qkv, 3))
+        q = q * (1 / math.sqrt(head_dim))
+        # Split into blocks, not sliced: the gradient of a split is one
+        # concatenate, where the gradients of slices are padded to full length
+        # and summed, a pass over [B, H, T, D/H] per block.
+        sizes = [stop - start for start, stop in _query_blocks(length)]
+        q_blocks, k_blocks, v_blocks = (jax.lax.split(x, sizes, axis=2) for x in (q, k, v))
         blocks = [
-            _causal_block(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], start)
-            for start, stop in _query_blocks(length)
+            _causal_block(
+                q_blocks[i],
+                jnp.concatenate(k_blocks[: i + 1], axis=2),
+                jnp.concatenate(v_blocks[: i + 1], axis=2),
+                start,
+            )
+            for i, (start, _) in enumerate(_query_blocks(length))
         ]
         attended = jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3)  # [B, T, H, D/H]
         return self.out(attended.reshape(batch, length, d_model))
