@@ -6,7 +6,7 @@ python -m benchmarks.bench_update [--quick] [--default-xla-flags] [--markdown]
 The benchmark is :mod:`valuefn.bench.update`; this runs it with the machine's
 limits and prints its table (``valuefn bench`` runs the whole suite). Unless
 ``--default-xla-flags`` is given, XLA's CPU backend runs with the suite's tuned
-flags (XNNPACK matmuls, YNNPACK reductions).
+flags (YNNPACK matmuls and reductions).
 """
 
 import sys

@@ -73,7 +73,7 @@ def test_tuned_xla_flags_keep_the_flags_already_set(monkeypatch):
     assert os.environ["XLA_FLAGS"].split() == [
         "--xla_cpu_experimental_xnn_fusion_type=none",
         "--other=1",
-        "--xla_cpu_experimental_ynn_fusion_type=reduce",
+        "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce",
     ]
 
 

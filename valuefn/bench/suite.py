@@ -28,12 +28,13 @@ from valuefn import _host
 BENCHMARKS = ("hardware", "targets", "update", "footprint", "rollout", "iteration", "scaling")
 VERSIONED = ("valuefn", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "rlax")
 SCHEMA = 1
-# XLA CPU flags the suite runs with unless --default-xla-flags: XNNPACK for the
-# matmuls and YNNPACK for the reductions, measured faster than the defaults for
-# the update step (benchmarks/RESULTS.md). They touch the CPU backend only.
+# XLA CPU flags the suite runs with unless --default-xla-flags: YNNPACK for the
+# matmuls (its native bf16 GEMM; XNNPACK takes the dots YNNPACK leaves) and for
+# the reductions, measured faster than the defaults for the update step
+# (benchmarks/RESULTS.md). They touch the CPU backend only.
 TUNED_XLA_FLAGS = (
     "--xla_cpu_experimental_xnn_fusion_type=dot",
-    "--xla_cpu_experimental_ynn_fusion_type=reduce",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce",
 )
 
 

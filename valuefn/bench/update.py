@@ -24,7 +24,7 @@ call of the same function, as steps do in a training loop (see
 :func:`valuefn.bench.figures.measure_many` for why that matters on a virtual
 machine); each JAX figure's baseline is the PyTorch one (ratio above 1: JAX is
 faster), and its floor is the model FLOPs over the matmul rate
-of its dtype. The suite runs with XLA's XNNPACK matmuls on a CPU (see
+of its dtype. The suite runs with XLA's YNNPACK matmuls on a CPU (see
 :data:`valuefn.bench.suite.TUNED_XLA_FLAGS`).
 """
 
