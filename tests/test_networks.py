@@ -156,6 +156,43 @@ def test_fused_attention_path_matches_numpy_and_the_block_gradients(monkeypatch,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + np.max(np.abs(b))))
 
 
+@pytest.mark.parametrize("offset", [0, 3])
+def test_written_out_attention_gradient_equals_autodiff(offset):
+    """The narrow-body attention block's custom VJP, run in float32, against jax.grad."""
+    rng = np.random.default_rng(offset)
+    q = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 3, offset + 4, 5)), jnp.float32) for _ in range(2))
+    probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def loss(block, q, k, v):
+        return jnp.sum(jnp.sin(block(q, k, v, offset)) * probe)
+
+    written = jax.jit(jax.grad(lambda *a: loss(networks._narrow_causal_block, *a), (0, 1, 2)))
+    autodiff = jax.grad(lambda *a: loss(networks._causal_block, *a), (0, 1, 2))
+    for got, want in zip(written(q, k, v), autodiff(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("query_block", [128, 5])
+def test_bf16_gradients_follow_the_float32_ones(monkeypatch, query_block):
+    """The same parameters through a bf16 and a float32 body: bf16's rounding only."""
+    monkeypatch.setattr(networks, "_QUERY_BLOCK", query_block)
+    jax.clear_caches()
+    toks = tokens()
+    grads = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = tiny_transformer(dtype=dtype)
+        randomise_head(model)
+        graphdef, params = nnx.split(model)
+        grads.append(
+            jax.grad(lambda p, g=graphdef: jnp.sum(jnp.sin(valuefn.predict(g, p, toks))))(params)
+        )
+    for exact, rounded in zip(*map(jax.tree.leaves, grads), strict=True):
+        assert rounded.dtype == jnp.float32
+        exact, rounded = np.asarray(exact), np.asarray(rounded)
+        assert np.max(np.abs(rounded - exact)) <= 0.1 * np.max(np.abs(exact)) + 1e-6
+
+
 def test_fused_attention_path_in_bf16_matches_the_block_form(monkeypatch):
     """bf16 tries cuDNN first; where cuDNN is absent (here) XLA computes the same values."""
     model = tiny_transformer(dtype=jnp.bfloat16)

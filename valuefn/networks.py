@@ -12,6 +12,7 @@ body's computation (e.g. ``jnp.bfloat16``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,20 +87,23 @@ def _affine_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Arr
 _affine.defvjp(_affine_fwd, _affine_bwd)
 
 
-def _transposed(rows: Array) -> Array:
-    """``rows [M, N]`` transposed into a real, row-major ``[N, M]`` array.
+def _transposed(x: Array) -> Array:
+    """``x [..., M, N]`` with its last two axes swapped, as a real, row-major array.
 
-    A plain ``rows.T`` reaches XLA as a change of layout, which its CPU backend
-    folds into the dot that reads it. That dot then has a column-major operand:
-    the library GEMMs reject it, and a bf16 one is computed in float32 at half
-    the rate. Transposing ``[a, M / a, N]`` to ``[N, a, M / a]`` and merging the
-    last two axes gives the same array with an ordinary layout, and an
-    ``optimization_barrier`` keeps XLA's simplifier from folding it back.
+    A plain ``swapaxes`` reaches XLA as a change of layout, which its CPU
+    backend folds into the dot that reads it. That dot then has a column-major
+    operand: the library GEMMs reject it, and a bf16 one is computed in
+    float32 at half the rate. Transposing ``[..., a, M / a, N]`` to
+    ``[..., N, a, M / a]`` and merging the last two axes gives the same array
+    with an ordinary layout, and an ``optimization_barrier`` keeps XLA's
+    simplifier from folding it back.
     """
-    m, n = rows.shape
+    *lead, m, n = x.shape
     a = math.gcd(m, 64)
-    split = rows.reshape(a, m // a, n).transpose(2, 0, 1).reshape(n, m)
-    return jax.lax.optimization_barrier(split)
+    axes = tuple(range(len(lead)))
+    k = len(lead)
+    split = x.reshape(*lead, a, m // a, n).transpose(*axes, k + 2, k, k + 1)
+    return jax.lax.optimization_barrier(split.reshape(*lead, n, m))
 
 
 class _Dense(nnx.Linear):
@@ -329,20 +333,60 @@ def _causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
       offset: position of the first query.
 
     Returns:
-      ``sum_k softmax_k(q k^T) v`` as ``[B, H, Q, D]`` in ``v``'s dtype. The
-      row maximum subtracted before ``exp`` is held constant (the softmax does
-      not depend on it), so no gradient flows through it.
+      ``sum_k softmax_k(q k^T) v`` as ``[B, H, Q, D]`` in ``v``'s dtype.
+
+    In float32 autodiff gives the gradient. In a narrower body the gradient is
+    written out (:func:`_causal_block_bwd`) so that each of its products is a
+    row-major matmul in the body's dtype accumulated in float32, as flash
+    attention computes it: autodiff hands XLA float32 cotangents and
+    transposed operands, which its CPU backend multiplies in float32. (In
+    float32 the written-out gradient measured slower: XLA's own GEMM takes
+    transposed float32 operands without a copy.)
     """
+    if v.dtype == jnp.float32:
+        return _causal_block_fwd(q, k, v, offset)[0]
+    return _narrow_causal_block(q, k, v, offset)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _narrow_causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
+    return _causal_block_fwd(q, k, v, offset)[0]
+
+
+def _causal_block_fwd(q: Array, k: Array, v: Array, offset: int):
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     visible = jnp.arange(k.shape[2])[None, :] <= offset + jnp.arange(q.shape[2])[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
-    peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    weights = jnp.exp(scores - peak)
+    # The row maximum subtracted before exp cancels in the softmax: no gradient.
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum(
-        "bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    probs = weights.astype(v.dtype)
+    unnormalised = jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
+    out = (unnormalised / total).astype(v.dtype)
+    return out, (q, k, v, weights, probs, total, unnormalised)
+
+
+def _causal_block_bwd(offset: int, residuals, grad: Array):
+    del offset  # the mask is in the weights: 0 where a key is not visible
+    q, k, v, weights, probs, total, unnormalised = residuals
+    grad = grad.astype(jnp.float32)
+    grad_unnormalised = grad / total  # [B, H, Q, D]
+    grad_total = -jnp.sum(grad * unnormalised, axis=-1, keepdims=True) / total**2
+
+    def matmul(a, b):  # a [..., M, K] @ b [..., K, N] in the body's dtype, float32 sums
+        return jnp.matmul(a.astype(v.dtype), b.astype(v.dtype), preferred_element_type=jnp.float32)
+
+    grad_probs = jnp.einsum(
+        "bhqd,bhkd->bhqk", grad_unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
-    return (out / total).astype(v.dtype)
+    grad_v = matmul(_transposed(probs), grad_unnormalised)
+    grad_scores = ((grad_probs + grad_total) * weights).astype(v.dtype)
+    grad_q = matmul(grad_scores, k)
+    grad_k = matmul(_transposed(grad_scores), q)
+    return grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype)
+
+
+_narrow_causal_block.defvjp(_causal_block_fwd, _causal_block_bwd)
 
 
 class Block(nnx.Module):
