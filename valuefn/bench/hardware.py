@@ -5,8 +5,9 @@
   sum (read once). A memory-bound kernel (GAE, lambda-returns) can go no faster than the
   bytes it must move over this rate.
 - ``matmul float32`` and ``matmul bfloat16``: FLOPs per second of a large square
-  matmul ``C = A B`` (``2 N^3`` FLOPs) in that dtype. A model's FLOPs over this
-  rate is the floor of its update step.
+  matmul ``C = A B`` (``2 N^3`` FLOPs) of operands in that dtype, accumulated
+  and returned in float32, as the networks' layers multiply. A model's FLOPs
+  over this rate is the floor of its update step.
 - ``peak bfloat16``: the datasheet's dense bf16 rate of a known accelerator
   (:data:`DATASHEET_BF16`), not measured; a model's FLOPs over it is the usual
   model FLOP utilisation (MFU). Absent on other devices.
@@ -43,7 +44,7 @@ def _sizes(quick: bool) -> tuple[int, int, int]:
     if quick:
         return 1 << 20, 256, 256
     if jax.default_backend() == "cpu":
-        return 1 << 26, 2048, 1024  # 256 MiB: far past the caches
+        return 1 << 26, 2048, 2048  # 256 MiB: far past the caches
     return 1 << 28, 8192, 8192  # 1 GiB
 
 
@@ -74,7 +75,7 @@ def run(quick: bool) -> list[Figure]:
             work_unit="B",
         ),
     ]
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     for dtype, n in (("float32", n_f32), ("bfloat16", n_bf16)):
         key_a, key_b = jax.random.split(jax.random.key(0))
         a = jax.random.normal(key_a, (n, n), dtype)
