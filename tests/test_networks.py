@@ -173,14 +173,15 @@ def test_written_out_attention_gradient_equals_autodiff(offset):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("narrow", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("query_block", [128, 5])
-def test_bf16_gradients_follow_the_float32_ones(monkeypatch, query_block):
-    """The same parameters through a bf16 and a float32 body: bf16's rounding only."""
+def test_narrow_body_gradients_follow_the_float32_ones(monkeypatch, query_block, narrow):
+    """The same parameters through a bf16 (or float16) and a float32 body: rounding only."""
     monkeypatch.setattr(networks, "_QUERY_BLOCK", query_block)
     jax.clear_caches()
     toks = tokens()
     grads = []
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in (jnp.float32, narrow):
         model = tiny_transformer(dtype=dtype)
         randomise_head(model)
         graphdef, params = nnx.split(model)

@@ -335,15 +335,15 @@ def _causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
     Returns:
       ``sum_k softmax_k(q k^T) v`` as ``[B, H, Q, D]`` in ``v``'s dtype.
 
-    In float32 autodiff gives the gradient. In a narrower body the gradient is
-    written out (:func:`_causal_block_bwd`) so that each of its products is a
-    row-major matmul in the body's dtype accumulated in float32, as flash
-    attention computes it: autodiff hands XLA float32 cotangents and
-    transposed operands, which its CPU backend multiplies in float32. (In
-    float32 the written-out gradient measured slower: XLA's own GEMM takes
-    transposed float32 operands without a copy.)
+    In float32 (or wider) autodiff gives the gradient. In a bf16 or float16
+    body the gradient is written out (:func:`_causal_block_bwd`) so that each
+    of its products is a row-major matmul in the body's dtype accumulated in
+    float32, as flash attention computes it: autodiff hands XLA float32
+    cotangents and transposed operands, which its CPU backend multiplies in
+    float32. (In float32 the written-out gradient measured slower: XLA's own
+    GEMM takes transposed float32 operands without a copy.)
     """
-    if v.dtype == jnp.float32:
+    if jnp.finfo(v.dtype).bits >= 32:
         return _causal_block_fwd(q, k, v, offset)[0]
     return _narrow_causal_block(q, k, v, offset)
 
