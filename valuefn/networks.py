@@ -99,10 +99,8 @@ def _transposed(x: Array) -> Array:
     simplifier from folding it back.
     """
     *lead, m, n = x.shape
-    a = math.gcd(m, 64)
-    axes = tuple(range(len(lead)))
-    k = len(lead)
-    split = x.reshape(*lead, a, m // a, n).transpose(*axes, k + 2, k, k + 1)
+    a, k = math.gcd(m, 64), len(lead)
+    split = x.reshape(*lead, a, m // a, n).transpose(*range(k), k + 2, k, k + 1)
     return jax.lax.optimization_barrier(split.reshape(*lead, n, m))
 
 
@@ -285,7 +283,8 @@ class CausalSelfAttention(nnx.Module):
         # Split into blocks, not sliced: the gradient of a split is one
         # concatenate, where the gradients of slices are padded to full length
         # and summed, a pass over [B, H, T, D/H] per block.
-        sizes = [stop - start for start, stop in _query_blocks(length)]
+        query_blocks = _query_blocks(length)
+        sizes = [stop - start for start, stop in query_blocks]
         q_blocks, k_blocks, v_blocks = (jax.lax.split(x, sizes, axis=2) for x in (q, k, v))
         blocks = [
             _causal_block(
@@ -294,7 +293,7 @@ class CausalSelfAttention(nnx.Module):
                 jnp.concatenate(v_blocks[: i + 1], axis=2),
                 start,
             )
-            for i, (start, _) in enumerate(_query_blocks(length))
+            for i, (start, _) in enumerate(query_blocks)
         ]
         attended = jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3)  # [B, T, H, D/H]
         return self.out(attended.reshape(batch, length, d_model))
@@ -360,15 +359,16 @@ def _causal_block_fwd(q: Array, k: Array, v: Array, offset: int):
     # The row maximum subtracted before exp cancels in the softmax: no gradient.
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights.astype(v.dtype)
-    unnormalised = jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
+    unnormalised = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     out = (unnormalised / total).astype(v.dtype)
-    return out, (q, k, v, weights, probs, total, unnormalised)
+    return out, (q, k, v, weights, total, unnormalised)
 
 
 def _causal_block_bwd(offset: int, residuals, grad: Array):
     del offset  # the mask is in the weights: 0 where a key is not visible
-    q, k, v, weights, probs, total, unnormalised = residuals
+    q, k, v, weights, total, unnormalised = residuals
     grad = grad.astype(jnp.float32)
     grad_unnormalised = grad / total  # [B, H, Q, D]
     grad_total = -jnp.sum(grad * unnormalised, axis=-1, keepdims=True) / total**2
@@ -379,7 +379,7 @@ def _causal_block_bwd(offset: int, residuals, grad: Array):
     grad_probs = jnp.einsum(
         "bhqd,bhkd->bhqk", grad_unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
-    grad_v = matmul(_transposed(probs), grad_unnormalised)
+    grad_v = matmul(_transposed(weights.astype(v.dtype)), grad_unnormalised)
     grad_scores = ((grad_probs + grad_total) * weights).astype(v.dtype)
     grad_q = matmul(grad_scores, k)
     grad_k = matmul(_transposed(grad_scores), q)
