@@ -386,6 +386,22 @@ def test_lambda_broadcasts_like_a_full_array(method, truncations):
         np.testing.assert_allclose(got, call(ref.lambda_returns, inputs, full), **TOL)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_gae_with_discount_and_lambda_constant_in_time_matches_reference(method):
+    """Without a mask or truncations a time-constant ``lambda * gamma`` is kept out of
+    the scanned inputs; per row or scalar, it must weigh every step alike."""
+    inputs = make_episode((3, 7), seed=8, masked=False, truncations=False, per_step_discounts=False)
+    rng = np.random.default_rng(8)
+    for discounts in (np.float32(0.9), rng.uniform(0.5, 1.0, size=(3, 1)).astype(np.float32)):
+        for lambda_ in (np.float32(0.7), rng.uniform(size=(3, 1)).astype(np.float32)):
+            case = {**inputs, "discounts": discounts}
+            full = {**inputs, "discounts": np.broadcast_to(discounts, (3, 7))}
+            lam = np.broadcast_to(lambda_, (3, 7))
+            advantages, returns = call(vf.gae, case, lambda_, method=method)
+            np.testing.assert_allclose(advantages, call(ref.gae_advantages, full, lam), **TOL)
+            np.testing.assert_allclose(returns, call(ref.lambda_returns, full, lam), **TOL)
+
+
 def test_discounts_are_gamma_except_at_terminations():
     terminated = np.array([[False, True, False], [True, False, False]])
     out = vf.discounts(0.9, terminated)

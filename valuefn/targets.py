@@ -208,14 +208,22 @@ def _resolve_method(method: str, horizon: int) -> str:
 
 
 def _reverse_linear_scan(deltas: Array, coeffs: Array) -> Array:
-    """Solves ``x_t = deltas_t + coeffs_t * x_{t+1}``, ``x_T = 0``, with a reverse scan."""
+    """Solves ``x_t = deltas_t + coeffs_t * x_{t+1}``, ``x_T = 0``, with a reverse scan.
+
+    ``coeffs`` is ``[..., T]`` like ``deltas``, or ``[...]`` when it does not vary
+    along time: then it stays out of the scanned inputs, which on a CPU saves
+    writing it out and moving it time-major.
+    """
+    in_time = coeffs.shape == deltas.shape
 
     def body(x_next, step):
-        delta, coeff = step
+        delta, coeff = step if in_time else (step, coeffs)
         x = delta + coeff * x_next
         return x, x
 
-    xs = (jnp.moveaxis(deltas, -1, 0), jnp.moveaxis(coeffs, -1, 0))
+    xs = jnp.moveaxis(deltas, -1, 0)
+    if in_time:
+        xs = (xs, jnp.moveaxis(coeffs, -1, 0))
     _, out = jax.lax.scan(body, jnp.zeros(deltas.shape[:-1], deltas.dtype), xs, reverse=True)
     return jnp.moveaxis(out, 0, -1)
 
@@ -299,7 +307,12 @@ def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
         return _masked_gae_scan(steps, lam)
     deltas = steps.rewards + steps.discounts * steps.next_values - steps.values
     deltas = jnp.where(steps.valid, deltas, 0.0)
-    coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
+    coeffs = None
+    if method == "scan" and steps.next_index is None and steps.cut is None:
+        # No mask and no truncation: the coefficient is lambda * gamma.
+        coeffs = _constant_in_time(lam * steps.gamma, deltas.shape)
+    if coeffs is None:
+        coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
     solve = _reverse_linear_scan if method == "scan" else _reverse_linear_associative
     return jnp.where(steps.valid, solve(deltas, coeffs), 0.0)
 
