@@ -370,20 +370,16 @@ def _causal_block_bwd(offset: int, residuals, grad: Array):
     del offset  # the mask is in the weights: 0 where a key is not visible
     q, k, v, weights, total, unnormalised = residuals
     grad = grad.astype(jnp.float32)
-    grad_unnormalised = grad / total  # [B, H, Q, D]
+    grad_unnormalised = (grad / total).astype(v.dtype)  # [B, H, Q, D]
     grad_total = -jnp.sum(grad * unnormalised, axis=-1, keepdims=True) / total**2
-
-    def matmul(a, b):  # a [..., M, K] @ b [..., K, N] in the body's dtype, float32 sums
-        return jnp.matmul(a.astype(v.dtype), b.astype(v.dtype), preferred_element_type=jnp.float32)
-
     grad_probs = jnp.einsum(
-        "bhqd,bhkd->bhqk", grad_unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32
+        "bhqd,bhkd->bhqk", grad_unnormalised, v, preferred_element_type=jnp.float32
     )
-    grad_v = matmul(_transposed(weights.astype(v.dtype)), grad_unnormalised)
+    grad_v = _dot(_transposed(weights.astype(v.dtype)), grad_unnormalised)
     grad_scores = ((grad_probs + grad_total) * weights).astype(v.dtype)
-    grad_q = matmul(grad_scores, k)
-    grad_k = matmul(_transposed(grad_scores), q)
-    return grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype)
+    grad_q = _dot(grad_scores, k)
+    grad_k = _dot(_transposed(grad_scores), q)
+    return grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v
 
 
 _narrow_causal_block.defvjp(_causal_block_fwd, _causal_block_bwd)
