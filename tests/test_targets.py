@@ -402,6 +402,32 @@ def test_gae_with_discount_and_lambda_constant_in_time_matches_reference(method)
             np.testing.assert_allclose(returns, call(ref.lambda_returns, full, lam), **TOL)
 
 
+# Horizons across the scan's blocks of steps (valuefn.targets._SCAN_BLOCK = 8): one
+# whole block, whole blocks, and blocks with a partial first one, in which the
+# padding steps must reach nothing.
+@pytest.mark.parametrize("shape", [(8,), (2, 9), (3, 21), (2, 64)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"masked": False, "truncations": False},
+        {"masked": False, "truncations": False, "per_step_discounts": False},
+        {"truncations": False, "per_step_discounts": False},
+    ],
+    ids=["everything", "discounts", "plain", "mask"],
+)
+def test_gae_over_several_blocks_matches_reference(shape, options):
+    kernel = jax.jit(functools.partial(call, vf.gae, method="scan"))
+    rng = np.random.default_rng(len(options) + shape[-1])
+    for seed in range(3):
+        inputs = make_episode(shape, seed=seed, **options)
+        for lambda_ in (np.float32(0.9), rng.uniform(size=shape).astype(np.float32)):
+            advantages, returns = kernel(inputs, lambda_=lambda_)
+            lam = np.broadcast_to(lambda_, shape)
+            np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lam), **TOL)
+            np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
+
+
 def test_discounts_are_gamma_except_at_terminations():
     terminated = np.array([[False, True, False], [True, False, False]])
     out = vf.discounts(0.9, terminated)
