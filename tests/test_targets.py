@@ -495,6 +495,37 @@ def test_unstopped_derivative_is_the_reference_linear_map(name):
     np.testing.assert_allclose(derivative, expected, **TOL)
 
 
+@pytest.mark.parametrize("name", ["gae_advantages", "gae_returns", "discounted_returns"])
+def test_unstopped_derivatives_over_several_blocks(name):
+    """Over blocks of the scan (T = 21, a partial first block), forward mode is the
+    reference applied to the direction, and reverse mode is its transpose:
+    ``<vjp(c), d> = <c, jvp(d)>``."""
+    kernel, reference = KERNELS[name]
+    shape = (2, 21)
+    inputs = make_episode(shape, seed=5)
+    direction = make_episode(shape, seed=15)
+    keys = ("rewards", "values", "bootstrap_value", "final_values")
+
+    def targets(*arrays):
+        changed = {**inputs, **dict(zip(keys, arrays, strict=True))}
+        return call(kernel, changed, method="scan", stop_target_gradients=False)
+
+    primals = tuple(inputs[key] for key in keys)
+    tangents = tuple(direction[key] for key in keys)
+    _, derivative = jax.jvp(targets, primals, tangents)
+    expected = call(reference, {**inputs, **dict(zip(keys, tangents, strict=True))})
+    np.testing.assert_allclose(derivative, expected, **TOL)
+
+    cotangent = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    _, pullback = jax.vjp(targets, *primals)
+    forward = np.sum(cotangent * np.asarray(derivative, np.float64))
+    backward = sum(
+        np.sum(np.asarray(g, np.float64) * t)
+        for g, t in zip(pullback(cotangent), tangents, strict=True)
+    )
+    np.testing.assert_allclose(backward, forward, rtol=1e-4)
+
+
 def test_td_error_gradient_flows_into_values_only():
     inputs = make_episode((3, 6), seed=3)
     d_rewards, d_values, d_bootstrap = _grads(vf.td_errors, inputs)
