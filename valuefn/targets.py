@@ -21,7 +21,8 @@ Targets carry no gradient unless ``stop_target_gradients=False``.
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -214,12 +215,23 @@ _SCAN_BLOCK = 8
 _MASKED_SCAN_BLOCK = 4
 
 
-def _compose_linear(earlier, later):
+def _compose_linear(
+    earlier: tuple[Array, Array], later: tuple[Array, Array]
+) -> tuple[Array, Array]:
     """``x -> delta + coeff * x`` maps as ``(delta, coeff)``: ``later``, then ``earlier``."""
     return earlier[0] + earlier[1] * later[0], earlier[1] * later[1]
 
 
-def _reverse_blocked_scan(inputs, step, compose, apply, walk, init, shape, block):
+def _reverse_blocked_scan(
+    inputs: tuple[Array, ...],
+    step: Callable[..., tuple[Array, ...]],
+    compose: Callable[[tuple[Array, ...], tuple[Array, ...]], tuple[Array, ...]],
+    apply: Callable[[tuple[Array, ...], Any], Any],
+    walk: Callable[[tuple[Array, ...], Any], tuple[Any, Array]],
+    init: Any,
+    shape: tuple[int, ...],
+    block: int,
+) -> Array:
     """Walks ``state_t, out_t = walk(inputs at t, state_{t+1})`` back from ``state_T = init``.
 
     Each input is ``[..., T]`` (``shape``) or ``[...]`` when constant in time.
