@@ -402,9 +402,9 @@ def test_gae_with_discount_and_lambda_constant_in_time_matches_reference(method)
             np.testing.assert_allclose(returns, call(ref.lambda_returns, full, lam), **TOL)
 
 
-# Horizons across the scan's blocks of steps (valuefn.targets._SCAN_BLOCK = 8): one
-# whole block, whole blocks, and blocks with a partial first one, in which the
-# padding steps must reach nothing.
+# Horizons across the scan's blocks of steps (valuefn.targets._SCAN_BLOCK = 8 without
+# a mask, _MASKED_SCAN_BLOCK = 4 with one): one to sixteen blocks, whole or with a
+# partial first one, in which the padding steps must reach nothing.
 @pytest.mark.parametrize("shape", [(8,), (2, 9), (3, 21), (2, 64)])
 @pytest.mark.parametrize(
     "options",
