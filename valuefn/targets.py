@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from valuefn._checks import as_real, check_broadcastable, check_shape, concrete_or_none
+from valuefn._pallas_scan import reverse_linear_pallas
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
-Method = Literal["auto", "scan", "associative"]
+Method = Literal["auto", "scan", "associative", "pallas"]
 
-METHODS = ("auto", "scan", "associative")
+METHODS = ("auto", "scan", "associative", "pallas")
 
 # Below this horizon the sequential scan wins on every backend we measured; see
 # benchmarks/bench_targets.py and benchmarks/RESULTS.md.
@@ -398,7 +399,11 @@ def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
         coeffs = _constant_in_time(lam * steps.gamma, deltas.shape)
     if coeffs is None:
         coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
-    solve = _reverse_linear_scan if method == "scan" else _reverse_linear_associative
+    solve = {
+        "scan": _reverse_linear_scan,
+        "associative": _reverse_linear_associative,
+        "pallas": reverse_linear_pallas,
+    }[method]
     return jnp.where(steps.valid, solve(deltas, coeffs), 0.0)
 
 
@@ -544,9 +549,12 @@ def gae(
       lambda_: in [0, 1], a scalar or broadcastable to ``[..., T]``.
       method: ``"scan"`` (a reverse ``lax.scan`` over the steps' affine maps
         ``A -> delta_t + c_t A`` composed in blocks of a few steps),
-        ``"associative"`` (``lax.associative_scan`` over the same maps) or
-        ``"auto"`` (picked by backend and horizon). All give the same numbers up
-        to float rounding.
+        ``"associative"`` (``lax.associative_scan`` over the same maps),
+        ``"pallas"`` (Pallas kernels for NVIDIA GPUs that walk chunks of steps
+        and join them by their composed maps; interpreted, slowly, on other
+        backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
+        CPU and for short horizons, else ``"associative"``). All give the same
+        numbers up to float rounding.
       Other arguments as :func:`td_targets`.
 
     Returns:
