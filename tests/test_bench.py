@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
 
 from valuefn import cli
@@ -83,6 +84,24 @@ def test_gae_without_torch_or_rlax_is_compared_with_the_numpy_loop():
     assert names[0] == "gae numpy loop 2x16"
     assert all(f.baseline == "numpy loop 2x16" for f in figures[1:])
     assert all(f.floor_work == targets.gae_bytes(2, 16) for f in figures[1:])
+
+
+def test_pallas_is_timed_only_where_its_kernels_are_compiled():
+    assert ("pallas" in targets.methods()) == (jax.default_backend() == "gpu")
+
+
+def test_pallas_figures_run_interpreted_at_tiny_sizes():
+    # On a CPU Pallas interprets the kernels: slow, but the figures' code runs.
+    compared = targets.compare_shape(
+        2, 16, repeats=1, torch=None, rlax=None, gae_methods=("scan", "pallas")
+    )
+    assert [f.name for f in compared] == ["gae numpy loop 2x16", "gae scan 2x16", "gae pallas 2x16"]
+    mapped = targets.method_map([(2, 16)], repeats=1, gae_methods=("scan", "associative", "pallas"))
+    assert [f.name for f in mapped] == ["gae map: associative 2x16", "gae map: pallas 2x16"]
+    assert all(f.baseline == "scan 2x16" for f in mapped)
+    (swept,) = targets.pallas_sweep(2, 16, [(4, 8)], repeats=1)
+    assert swept.name == "pallas recursion, chunks of 4 steps, blocks of 8 rows 2x16"
+    assert swept.floor_work == 4 * 3 * 2 * 16
 
 
 def test_gae_is_compared_with_rlax_output_for_output():

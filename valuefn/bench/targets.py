@@ -1,8 +1,9 @@
-"""GAE: the scan and associative kernels against PyTorch and NumPy loops and rlax.
+"""GAE: valuefn's methods against PyTorch and NumPy loops and rlax.
 
 Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
 
-- ``gae scan``, ``gae associative``, ``gae auto``: :func:`valuefn.gae` jitted,
+- ``gae scan``, ``gae associative``, ``gae auto`` (and ``gae pallas`` on a
+  GPU, where its kernels are compiled): :func:`valuefn.gae` jitted,
   against the PyTorch reverse loop (the loop of TRL and OpenRLHF: one Python
   iteration per token, eager), or the same loop in NumPy without torch. Their
   floor is the memory bandwidth: rewards, values and mask read and advantages
@@ -14,8 +15,10 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
   and ``gae auto, ...`` (advantages and returns, what a critic trains on)
   against rlax plus ``advantages + values``.
 
-The method map times ``associative`` against ``scan`` over a grid of shapes
-(``ratio`` is the associative method's speed-up); ``auto`` is chosen from it.
+The method map times ``associative`` (and ``pallas`` on a GPU) against
+``scan`` over a grid of shapes (``ratio`` is the speed-up over ``scan``);
+``auto`` is chosen from it. On a GPU the Pallas kernels' chunk and block sizes
+are swept at 256 x 4096 against their defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import valuefn
+from valuefn import _pallas_scan
 from valuefn.bench.figures import Figure, Timing, measure_many, optional, timed
 from valuefn.bench.hardware import MEMORY
 
@@ -41,6 +45,16 @@ MAP_GPU = tuple(
 QUICK_MAP = ((2, 32),)
 NO_MASK = "gae auto, per-step discounts, no mask"
 NO_MASK_ADVANTAGES = "gae auto advantages, per-step discounts, no mask"
+# (chunk, rows) of the Pallas kernels swept on a GPU, and the shape swept.
+PALLAS_SWEEP = tuple((chunk, rows) for chunk in (16, 32, 64, 128) for rows in (32, 64, 128))
+PALLAS_SWEEP_SHAPE = (256, 4096)
+
+
+def methods() -> tuple[str, ...]:
+    """The methods timed: ``pallas`` only where its kernels are compiled, on a GPU
+    (elsewhere Pallas interprets them)."""
+    timed_methods = ("scan", "associative", "auto")
+    return timed_methods + ("pallas",) if jax.default_backend() == "gpu" else timed_methods
 
 
 def numpy_gae(rewards, values, bootstrap, mask):
@@ -92,13 +106,24 @@ def _gae_fn(method: str):
     return jax.jit(functools.partial(valuefn.gae, lambda_=LAMBDA, method=method))
 
 
-def compare_shape(batch: int, horizon: int, *, repeats: int, torch, rlax) -> list[Figure]:
-    """valuefn's GAE at one shape against the loops and rlax, timed in turn."""
+def compare_shape(
+    batch: int,
+    horizon: int,
+    *,
+    repeats: int,
+    torch,
+    rlax,
+    gae_methods: tuple[str, ...] | None = None,
+) -> list[Figure]:
+    """valuefn's GAE at one shape against the loops and rlax, timed in turn.
+
+    ``gae_methods`` defaults to :func:`methods`."""
+    gae_methods = gae_methods or methods()
     rewards, values, bootstrap, mask = make_inputs(batch, horizon)
     r, v, b, m = (jnp.asarray(x) for x in (rewards, values, bootstrap, mask))
     calls = {
         f"gae {method}": functools.partial(_gae_fn(method), r, v, GAMMA, b, mask=m)
-        for method in ("scan", "associative", "auto")
+        for method in gae_methods
     }
     if torch is not None:
         torch_args = [torch.from_numpy(x) for x in (rewards, values, bootstrap, mask)]
@@ -129,7 +154,7 @@ def compare_shape(batch: int, horizon: int, *, repeats: int, torch, rlax) -> lis
     steps = {"work": batch * horizon, "work_unit": "steps"}
     loop = "torch loop" if torch is not None else "numpy loop"
     figures = [timed(f"gae {loop} {shape}", timings[loop], **steps)]
-    compared = [(f"gae {method}", loop, 2) for method in ("scan", "associative", "auto")]
+    compared = [(f"gae {method}", loop, 2) for method in gae_methods]
     if rlax is not None:
         figures.append(timed(f"gae rlax (vmapped) {shape}", timings["rlax"], **steps))
         compared += [(NO_MASK_ADVANTAGES, "rlax", 1), (NO_MASK, "rlax + returns", 2)]
@@ -151,8 +176,10 @@ def _with_returns(advantages, extended_values):
     return advantages, advantages + extended_values[:, :-1]
 
 
-def method_map(shapes, *, repeats: int) -> list[Figure]:
-    """``associative`` against ``scan`` over shapes, no mask and a scalar discount."""
+def method_map(shapes, *, repeats: int, gae_methods: tuple[str, ...] | None = None) -> list[Figure]:
+    """Each method of ``gae_methods`` (default :func:`methods`) but ``scan`` and
+    ``auto`` against ``scan`` over shapes, no mask and a scalar discount."""
+    mapped = [m for m in gae_methods or methods() if m not in ("scan", "auto")]
     figures = []
     for batch, horizon in shapes:
         rewards, values, bootstrap, _ = make_inputs(batch, horizon)
@@ -160,23 +187,53 @@ def method_map(shapes, *, repeats: int) -> list[Figure]:
         timings: dict[str, Timing] = measure_many(
             {
                 method: functools.partial(_gae_fn(method), r, v, GAMMA, b)
-                for method in ("scan", "associative")
+                for method in ("scan", *mapped)
             },
             repeats=repeats,
         )
         shape = f"{batch}x{horizon}"
-        figures.append(
+        figures += [
             timed(
-                f"gae map: associative {shape}",
-                timings["associative"],
+                f"gae map: {method} {shape}",
+                timings[method],
                 against=(f"scan {shape}", timings["scan"]),
                 work=batch * horizon,
                 work_unit="steps",
                 floor=MEMORY,
                 floor_work=gae_bytes(batch, horizon, per_step_inputs=2),
             )
-        )
+            for method in mapped
+        ]
     return figures
+
+
+def pallas_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Figure]:
+    """The ``pallas`` method's recursion alone (deltas and coefficients in, ``x``
+    out) at each ``(chunk, rows)`` of ``configs`` against its defaults."""
+    rng = np.random.default_rng(0)
+    deltas = jnp.asarray(rng.normal(size=(batch, horizon)).astype(np.float32))
+    coeffs = jnp.full((batch, horizon), GAMMA * LAMBDA, jnp.float32)
+    default = (_pallas_scan.CHUNK, _pallas_scan.ROWS)
+    calls = {
+        (chunk, rows): functools.partial(
+            _pallas_scan.reverse_linear_pallas, deltas, coeffs, chunk=chunk, rows=rows
+        )
+        for chunk, rows in dict.fromkeys((default, *configs))
+    }
+    timings = measure_many(calls, repeats=repeats)
+    shape = f"{batch}x{horizon}"
+    return [
+        timed(
+            f"pallas recursion, chunks of {chunk} steps, blocks of {rows} rows {shape}",
+            timings[chunk, rows],
+            against=(f"defaults {default[0]} x {default[1]} {shape}", timings[default]),
+            work=batch * horizon,
+            work_unit="steps",
+            floor=MEMORY,
+            floor_work=4 * 3 * batch * horizon,  # deltas and coefficients read, x written
+        )
+        for chunk, rows in configs
+    ]
 
 
 def run(quick: bool) -> list[Figure]:
@@ -189,4 +246,7 @@ def run(quick: bool) -> list[Figure]:
         grid = QUICK_MAP
     else:
         grid = MAP_CPU if jax.default_backend() == "cpu" else MAP_GPU
-    return figures + method_map(grid, repeats=repeats)
+    figures += method_map(grid, repeats=repeats)
+    if "pallas" in methods() and not quick:
+        figures += pallas_sweep(*PALLAS_SWEEP_SHAPE, PALLAS_SWEEP, repeats=repeats)
+    return figures
