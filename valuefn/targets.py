@@ -87,12 +87,15 @@ def _prepare(
     final_values: ArrayLike | None,
     *,
     resolve_next: bool = True,
+    solve: Callable[[Array, Array], Array] | None = None,
 ) -> _Steps:
     """Checks and aligns the inputs.
 
     With a mask and ``resolve_next=False`` the next valid step is not looked up:
     ``next_values`` and ``next_index`` are None and a caller that walks the steps
-    in reverse (``_masked_gae_scan``) carries the next valid value itself.
+    in reverse (``_masked_gae_scan``) carries the next valid value itself. With
+    ``solve``, a solver of the reverse linear recursion, the next valid value
+    comes from that recursion and ``next_index`` is None.
     """
     rewards = as_real("rewards", rewards)
     if rewards.ndim < 1 or rewards.shape[-1] < 1:
@@ -126,14 +129,16 @@ def _prepare(
     gamma = f32(gammas)
     gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
-    if valid is not None and resolve_next:
+    if valid is not None and resolve_next and solve is None:
         steps = jnp.arange(shape[-1], dtype=jnp.int32)
         index = jnp.where(valid, steps, shape[-1])
         suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
         next_index = jnp.concatenate(
             [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)], axis=-1
         )
-    if valid is None or resolve_next:
+    if valid is not None and resolve_next and solve is not None:
+        next_values = _next_valid_values(f32(values), bootstrap_value, valid, solve)
+    elif valid is None or resolve_next:
         next_values = _at_next(values, bootstrap_value, next_index)
     if valid is not None:
         rewards = jnp.where(valid, rewards, 0.0)
@@ -177,6 +182,17 @@ def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
         return _shift_left(x, last)
     extended = jnp.concatenate([x, last[..., None]], axis=-1)
     return jnp.take_along_axis(extended, next_index, axis=-1)
+
+
+def _next_valid_values(
+    values: Array, bootstrap_value: Array, valid: Array, solve: Callable[[Array, Array], Array]
+) -> Array:
+    """``values`` at the next valid step after each t, ``bootstrap_value`` past the
+    last: ``y[t + 1]`` for ``y_t = V_t`` on valid steps and ``y_{t+1}`` on masked
+    ones, ``y_T = bootstrap_value``, a reverse linear recursion."""
+    at_end = jnp.arange(values.shape[-1]) == values.shape[-1] - 1
+    deltas = jnp.where(valid, values, jnp.where(at_end, bootstrap_value[..., None], 0.0))
+    return _shift_left(solve(deltas, jnp.where(valid, 0.0, 1.0)), bootstrap_value)
 
 
 def _shift_left(x: Array, last: Array) -> Array:
@@ -575,6 +591,9 @@ def gae(
         truncated,
         final_values,
         resolve_next=method != "scan",
+        # With a mask, pallas finds the next valid values by its own kernels
+        # instead of an index lookup (a cummin and a gather).
+        solve=reverse_linear_pallas if method == "pallas" else None,
     )
     lam = _check_lambda(lambda_, steps.rewards.shape)
     advantages = _advantages(steps, lam, method)
