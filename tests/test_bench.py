@@ -28,6 +28,7 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     results = json.loads(path.read_text())
     assert path.name == f"{results['machine']['backend']}-{results['date'][:10]}-quick.json"
     assert results["quick"] is True
+    assert results["complete"] is True
     assert results["errors"] == {}
     assert results["command"].startswith("valuefn bench --quick")
     assert set(results["benchmarks"]) == set(suite.BENCHMARKS)
@@ -84,6 +85,19 @@ def test_gae_without_torch_or_rlax_is_compared_with_the_numpy_loop():
     assert names[0] == "gae numpy loop 2x16"
     assert all(f.baseline == "numpy loop 2x16" for f in figures[1:])
     assert all(f.floor_work == targets.gae_bytes(2, 16) for f in figures[1:])
+
+
+def test_results_so_far_are_handed_on_after_each_benchmark_but_the_last(monkeypatch):
+    monkeypatch.setattr(suite, "_run_one", lambda name, *args: [Figure(name, 1.0, 1.0, 1.0)])
+    seen = []
+    final = suite.run_suite(["targets", "update", "rollout"], quick=True, progress=seen.append)
+    assert [record["complete"] for record in seen] == [False, False]
+    assert [[f["name"] for f in record["figures"]] for record in seen] == [
+        ["targets"],
+        ["targets", "update"],
+    ]
+    assert final["complete"] is True
+    assert [f["name"] for f in final["figures"]] == ["targets", "update", "rollout"]
 
 
 def test_pallas_is_timed_only_where_its_kernels_are_compiled():

@@ -4,8 +4,10 @@
 benchmark module's ``run(quick)``, measures the machine's limits first, and
 writes ``<out>/<backend>-<date>.json`` with the machine, the versions, and for
 every figure its median, min, max, its baseline and its fraction of the
-hardware limit. ``--quick`` runs everything at tiny sizes, to check that it
-runs; its file is named ``...-quick.json``.
+hardware limit. The file is written after each benchmark too, with
+``"complete": false`` until the last, so that a run cut short by a job's time
+limit keeps what it measured. ``--quick`` runs everything at tiny sizes, to
+check that it runs; its file is named ``...-quick.json``.
 """
 
 from __future__ import annotations
@@ -169,21 +171,54 @@ def _run_one(name: str, quick: bool, errors: dict, skipped: dict, echo) -> list:
     return figures
 
 
-def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
+def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> dict:
     """Runs the benchmarks ``names`` (``"hardware"`` first) and returns the results record.
 
     The hardware is measured again after the others, and each of its figures
     keeps the better of its two runs: on a shared machine the load changes, and
     the limit is the best the machine did. A benchmark that fails is reported
     under ``errors`` and the others still run; one whose module is not
-    installed is listed under ``skipped``.
+    installed is listed under ``skipped``. After each benchmark but the last,
+    ``progress`` (if given) gets the record so far, with ``"complete": False``:
+    a run cut short by a job's time limit keeps what it measured.
     """
     from valuefn.bench.hardware import limits
 
     started = time.time()
     load_before = _load_average()
     errors, skipped = {}, {}
-    produced = [(name, _run_one(name, quick, errors, skipped, echo)) for name in names]
+
+    def record(produced: list, complete: bool) -> dict:
+        rates = limits(produced[0][1]) if produced[0][0] == "hardware" else {}
+        return {
+            "schema": SCHEMA,
+            "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "quick": quick,
+            "complete": complete,
+            "benchmarks": names,
+            "machine": {
+                **_machine(),
+                "load_average": {"start": load_before, "end": _load_average()},
+            },
+            "versions": _versions(),
+            "limits": rates,
+            "figures": [
+                _figure_record(name, figure, rates)
+                for name, figures in produced
+                for figure in figures
+            ],
+            "errors": errors,
+            "skipped": skipped,
+            "seconds": time.time() - started,
+        }
+
+    produced = []
+    for name in names:
+        produced.append((name, _run_one(name, quick, errors, skipped, echo)))
+        if progress is not None and len(produced) < len(names):
+            progress(record(produced, complete=False))
     if produced[0][0] == "hardware" and produced[0][1]:
         again = _run_one("hardware", quick, errors, skipped, echo)
         best = {figure.name: figure for figure in produced[0][1]}
@@ -191,24 +226,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print) -> dict:
             if figure.name in best and figure.min < best[figure.name].min:
                 best[figure.name] = figure
         produced[0] = ("hardware", list(best.values()))
-    rates = limits(produced[0][1]) if produced[0][0] == "hardware" else {}
-    return {
-        "schema": SCHEMA,
-        "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "quick": quick,
-        "benchmarks": names,
-        "machine": {**_machine(), "load_average": {"start": load_before, "end": _load_average()}},
-        "versions": _versions(),
-        "limits": rates,
-        "figures": [
-            _figure_record(name, figure, rates) for name, figures in produced for figure in figures
-        ],
-        "errors": errors,
-        "skipped": skipped,
-        "seconds": time.time() - started,
-    }
+    return record(produced, complete=True)
 
 
 def _si(value: float, unit: str) -> str:
@@ -309,14 +327,20 @@ def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
     # cores a descheduled thread stalls the rest, which halved the PyTorch update
     # step on the 2-core benchmark machine. Read when torch is first imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    results = run_suite(args.only, quick=args.quick)
-    results["command"] = _command_line(args, prog)
-    print(format_results(results, markdown=args.markdown))
-    if not args.no_save:
+    command = _command_line(args, prog)
+
+    def save(results: dict) -> Path:
+        results["command"] = command
         path = results_path(results, Path(args.out))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {path}")
+        return path
+
+    results = run_suite(args.only, quick=args.quick, progress=None if args.no_save else save)
+    results["command"] = command
+    print(format_results(results, markdown=args.markdown))
+    if not args.no_save:
+        print(f"wrote {save(results)}")
     return 1 if results["errors"] else 0
 
 
