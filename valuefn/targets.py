@@ -129,16 +129,17 @@ def _prepare(
     gamma = f32(gammas)
     gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
-    if valid is not None and resolve_next and solve is None:
+    if valid is None:
+        next_values = _at_next(values, bootstrap_value, None)
+    elif resolve_next and solve is not None:
+        next_values = _next_valid_values(values, bootstrap_value, valid, solve)
+    elif resolve_next:
         steps = jnp.arange(shape[-1], dtype=jnp.int32)
         index = jnp.where(valid, steps, shape[-1])
         suffix_min = jax.lax.cummin(index, axis=index.ndim - 1, reverse=True)
         next_index = jnp.concatenate(
             [suffix_min[..., 1:], jnp.full(shape[:-1] + (1,), shape[-1], jnp.int32)], axis=-1
         )
-    if valid is not None and resolve_next and solve is not None:
-        next_values = _next_valid_values(f32(values), bootstrap_value, valid, solve)
-    elif valid is None or resolve_next:
         next_values = _at_next(values, bootstrap_value, next_index)
     if valid is not None:
         rewards = jnp.where(valid, rewards, 0.0)
