@@ -506,6 +506,19 @@ def test_targets_carry_no_gradient_by_default(name):
         np.testing.assert_array_equal(grad, 0.0)
 
 
+# The kernels that take a method.
+RECURSIVE = ["discounted_returns", "gae_advantages", "gae_returns", "lambda_returns"]
+
+
+@pytest.mark.parametrize("name", RECURSIVE)
+def test_pallas_targets_carry_no_gradient_by_default(name):
+    # Its kernels have no derivative rule of their own: the gradient must still
+    # be taken through a loss that computes its targets with them.
+    inputs = make_episode((3, 6), seed=1, truncations=False)
+    for grad in _grads(KERNELS[name][0], inputs, method="pallas"):
+        np.testing.assert_array_equal(grad, 0.0)
+
+
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_targets_pass_gradient_when_not_stopped(name):
     inputs = make_episode((3, 6), seed=1, masked=False, truncations=False)
@@ -538,8 +551,9 @@ def test_unstopped_derivative_is_the_reference_linear_map(name):
     np.testing.assert_allclose(derivative, expected, **TOL)
 
 
+@pytest.mark.parametrize("method", ["scan", "pallas"])
 @pytest.mark.parametrize("name", ["gae_advantages", "gae_returns", "discounted_returns"])
-def test_unstopped_derivatives_over_several_blocks(name):
+def test_unstopped_derivatives_over_several_blocks(name, method):
     """Over blocks of the scan (T = 21, a partial first block), forward mode is the
     reference applied to the direction, and reverse mode is its transpose:
     ``<vjp(c), d> = <c, jvp(d)>``."""
@@ -551,7 +565,7 @@ def test_unstopped_derivatives_over_several_blocks(name):
 
     def targets(*arrays):
         changed = {**inputs, **dict(zip(keys, arrays, strict=True))}
-        return call(kernel, changed, method="scan", stop_target_gradients=False)
+        return call(kernel, changed, method=method, stop_target_gradients=False)
 
     primals = tuple(inputs[key] for key in keys)
     tangents = tuple(direction[key] for key in keys)
@@ -567,6 +581,26 @@ def test_unstopped_derivatives_over_several_blocks(name):
         for g, t in zip(pullback(cotangent), tangents, strict=True)
     )
     np.testing.assert_allclose(backward, forward, rtol=1e-4)
+
+
+def test_pallas_derivatives_in_lambda_and_discounts_match_scan():
+    # Meta-gradients differentiate the recursion's coefficients too.
+    inputs = make_episode((2, 21), seed=6)
+    lambdas = np.random.default_rng(6).uniform(0.5, 1.0, size=(2, 21)).astype(np.float32)
+
+    def grads(method):
+        def total(lambda_, discounts):
+            changed = {**inputs, "discounts": discounts}
+            advantages, returns = call(
+                vf.gae, changed, lambda_, method=method, stop_target_gradients=False
+            )
+            return jnp.sum(advantages * returns)
+
+        return jax.grad(total, argnums=(0, 1))(lambdas, inputs["discounts"])
+
+    for got, expected in zip(grads("pallas"), grads("scan"), strict=True):
+        assert np.any(np.asarray(expected) != 0)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_td_error_gradient_flows_into_values_only():

@@ -350,6 +350,26 @@ def _reverse_linear_associative(deltas: Array, coeffs: Array) -> Array:
     return out
 
 
+@jax.custom_jvp
+def _reverse_linear_pallas(deltas: Array, coeffs: Array) -> Array:
+    """``reverse_linear_pallas`` with ``coeffs`` as ``[..., T]``, differentiable.
+
+    Pallas kernels have no derivative rules, so the derivative, ``x' = d' + c' x_next
+    + c x'_next``, is the same recursion solved by ``lax.associative_scan``,
+    which JAX also transposes for reverse mode.
+    """
+    return reverse_linear_pallas(deltas, coeffs)
+
+
+@_reverse_linear_pallas.defjvp
+def _reverse_linear_pallas_jvp(primals, tangents):
+    deltas, coeffs = primals
+    deltas_dot, coeffs_dot = tangents
+    x = _reverse_linear_pallas(deltas, coeffs)
+    x_next = _shift_left(x, jnp.zeros(x.shape[:-1], x.dtype))
+    return x, _reverse_linear_associative(deltas_dot + coeffs_dot * x_next, coeffs)
+
+
 def _constant_in_time(x: Array, shape: tuple[int, ...]) -> Array | None:
     """``x`` (broadcastable to ``shape = [..., T]``) as a ``[...]`` array when it
     does not vary along time, else None."""
@@ -419,7 +439,7 @@ def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
     solve = {
         "scan": _reverse_linear_scan,
         "associative": _reverse_linear_associative,
-        "pallas": reverse_linear_pallas,
+        "pallas": _reverse_linear_pallas,
     }[method]
     return jnp.where(steps.valid, solve(deltas, coeffs), 0.0)
 
@@ -594,7 +614,7 @@ def gae(
         resolve_next=method != "scan",
         # With a mask, pallas finds the next valid values by its own kernels
         # instead of an index lookup (a cummin and a gather).
-        solve=reverse_linear_pallas if method == "pallas" else None,
+        solve=_reverse_linear_pallas if method == "pallas" else None,
     )
     lam = _check_lambda(lambda_, steps.rewards.shape)
     advantages = _advantages(steps, lam, method)
