@@ -16,7 +16,9 @@ that a step of ``rows`` columns is one contiguous load, and cut into chunks of
 Each kernel program walks ``chunk`` steps of ``rows`` columns unrolled, so its
 loads are all issued before the chain of multiply-adds. The kernels are
 written for Triton on NVIDIA GPUs; on other backends Pallas interprets them,
-which gives the same numbers slowly (the tests run them that way).
+which gives the same numbers slowly (the tests run them that way). The Pallas
+changelog marks its Triton backend deprecated from JAX 0.11 in favour of
+Mosaic GPU; JAX 0.10 supports it.
 """
 
 from __future__ import annotations
