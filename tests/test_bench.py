@@ -113,8 +113,8 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes():
     mapped = targets.method_map([(2, 16)], repeats=1, gae_methods=("scan", "associative", "pallas"))
     assert [f.name for f in mapped] == ["gae map: associative 2x16", "gae map: pallas 2x16"]
     assert all(f.baseline == "scan 2x16" for f in mapped)
-    (swept,) = targets.pallas_sweep(2, 16, [(4, 8)], repeats=1)
-    assert swept.name == "pallas recursion, chunks of 4 steps, blocks of 8 rows 2x16"
+    (swept,) = targets.pallas_sweep(2, 16, [("triton", 4, 8)], repeats=1)
+    assert swept.name == "pallas recursion, triton, chunks of 4 steps, blocks of 8 rows 2x16"
     assert swept.floor_work == 4 * 3 * 2 * 16
 
 

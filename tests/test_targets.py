@@ -283,14 +283,37 @@ def test_pallas_recursion_matches_loop(shape):
     )
 
 
-def test_pallas_kernels_lower_to_triton():
-    # Lowered for an NVIDIA GPU from this machine: 300 steps take the kernel
-    # that composes the chunk maps and the walk twice, over their maps and
-    # over the steps.
-    solve = jax.jit(functools.partial(reverse_linear_pallas, interpret=False))
+@pytest.mark.parametrize(
+    ("backend", "rows", "call_target"),
+    [("triton", 32, "__gpu$xla.gpu.triton"), ("mosaic_gpu", 128, "mosaic_gpu_v2")],
+)
+def test_pallas_kernels_lower_for_an_nvidia_gpu(backend, rows, call_target):
+    # Lowered for CUDA from this machine: 300 steps take the kernel that
+    # composes the chunk maps and the walk twice, over their maps and over the
+    # steps.
+    solve = jax.jit(
+        functools.partial(reverse_linear_pallas, rows=rows, backend=backend, interpret=False)
+    )
     x = jax.ShapeDtypeStruct((4, 300), jnp.float32)
     lowered = solve.trace(x, x).lower(lowering_platforms=("cuda",)).as_text()
-    assert lowered.count("xla.gpu.triton") == 3
+    assert lowered.count("custom_call @") == lowered.count(f"custom_call @{call_target}") == 3
+
+
+def test_pallas_mosaic_gpu_backend_interprets_to_the_same_numbers():
+    rng = np.random.default_rng(9)
+    deltas, coeffs = (rng.uniform(size=(3, 70)).astype(np.float32) for _ in range(2))
+    solve = functools.partial(reverse_linear_pallas, chunk=8, rows=128, backend="mosaic_gpu")
+    np.testing.assert_allclose(solve(deltas, coeffs), linear_recursion_loop(deltas, coeffs), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [({"backend": "cuda"}, "backend"), ({"backend": "mosaic_gpu", "rows": 32}, "rows")],
+)
+def test_pallas_options_are_checked(options, name):
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError, match=name):
+        reverse_linear_pallas(x, x, **options)
 
 
 def test_horizon_one_is_one_step():

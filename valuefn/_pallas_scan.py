@@ -14,11 +14,12 @@ that a step of ``rows`` columns is one contiguous load, and cut into chunks of
 3. one kernel walks every chunk from that value and writes ``x``.
 
 Each kernel program walks ``chunk`` steps of ``rows`` columns unrolled, so its
-loads are all issued before the chain of multiply-adds. The kernels are
-written for Triton on NVIDIA GPUs; on other backends Pallas interprets them,
-which gives the same numbers slowly (the tests run them that way). The Pallas
-changelog marks its Triton backend deprecated from JAX 0.11 in favour of
-Mosaic GPU; JAX 0.10 supports it.
+loads are all issued before the chain of multiply-adds. The same kernels
+compile with Pallas's Triton backend (any recent NVIDIA GPU) or its Mosaic GPU
+backend (Hopper and later, blocks of a multiple of 128 columns); the Pallas
+changelog marks the Triton backend deprecated from JAX 0.11. On other
+platforms Pallas interprets them, which gives the same numbers slowly (the
+tests run them that way).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Steps a kernel program walks, and columns it holds: powers of two, as
-# Triton's blocks must be. Chosen without a GPU measurement yet: the benchmark
-# suite sweeps them on a GPU (valuefn/bench/targets.py).
+# Steps a kernel program walks, columns it holds (powers of two, as Triton's
+# blocks must be) and the Pallas backend. Chosen without a GPU measurement yet:
+# the benchmark suite sweeps them on a GPU (valuefn/bench/targets.py).
 CHUNK = 64
 ROWS = 32
+BACKEND = "triton"
+BACKENDS = ("triton", "mosaic_gpu")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -64,7 +67,7 @@ def _walk_kernel(deltas_ref, coeffs_ref, entering_ref, out_ref):
         out_ref[t, :] = x
 
 
-def _call(kernel, inputs, outputs, *, chunk, rows, interpret):
+def _call(kernel, inputs, outputs, *, chunk, rows, backend, interpret):
     """``kernel`` over a grid of (column blocks, chunks) of time-major ``[T, N]`` arrays.
 
     ``inputs`` and ``outputs`` are ``(array or shape, steps per block)``: a block
@@ -72,8 +75,15 @@ def _call(kernel, inputs, outputs, *, chunk, rows, interpret):
     """
     # Imported here so that ``import valuefn`` does not load Pallas.
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
 
+    if backend == "triton":
+        from jax.experimental.pallas import triton as plt
+
+        params = plt.CompilerParams(num_warps=1, num_stages=1)
+    else:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        params = plgpu.CompilerParams()
     steps, columns = inputs[0][0].shape
 
     def spec(block_steps):
@@ -85,17 +95,19 @@ def _call(kernel, inputs, outputs, *, chunk, rows, interpret):
         grid=(columns // rows, steps // chunk),
         in_specs=[spec(block) for _, block in inputs],
         out_specs=[spec(block) for _, block in outputs],
-        compiler_params=plt.CompilerParams(num_warps=1, num_stages=1),
+        compiler_params=params,
         interpret=interpret,
     )(*(array for array, _ in inputs))
 
 
-def _solve_time_major(deltas: Array, coeffs: Array, chunk: int, rows: int, interpret: bool):
+def _solve_time_major(
+    deltas: Array, coeffs: Array, chunk: int, rows: int, backend: str, interpret: bool
+):
     """``x`` for time-major ``[T, N]`` float32 inputs, ``T`` a multiple of ``chunk``
     and ``N`` of ``rows``."""
     steps, columns = deltas.shape
     chunks = steps // chunk
-    call = functools.partial(_call, chunk=chunk, rows=rows, interpret=interpret)
+    call = functools.partial(_call, chunk=chunk, rows=rows, backend=backend, interpret=interpret)
     if chunks == 1:
         entering = jnp.zeros((1, columns), jnp.float32)
     else:
@@ -111,7 +123,7 @@ def _solve_time_major(deltas: Array, coeffs: Array, chunk: int, rows: int, inter
         solution, product = (
             jnp.pad(x, ((0, padded - chunks), (0, 0))) for x in (solution, product)
         )
-        starts = _solve_time_major(solution, product, chunk, rows, interpret)[:chunks]
+        starts = _solve_time_major(solution, product, chunk, rows, backend, interpret)[:chunks]
         # The value entering chunk k from the right is chunk k + 1's start.
         entering = jnp.concatenate([starts[1:], jnp.zeros((1, columns), jnp.float32)])
     (out,) = call(
@@ -123,21 +135,26 @@ def _solve_time_major(deltas: Array, coeffs: Array, chunk: int, rows: int, inter
 
 
 # Jitted so that eager calls trace the kernels once per shape.
-@functools.partial(jax.jit, static_argnames=("chunk", "rows", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk", "rows", "backend", "interpret"))
 def reverse_linear_pallas(
     deltas: Array,
     coeffs: Array,
     *,
     chunk: int = CHUNK,
     rows: int = ROWS,
+    backend: str = BACKEND,
     interpret: bool | None = None,
 ) -> Array:
     """Solves ``x_t = deltas_t + coeffs_t * x_{t+1}``, ``x_T = 0``, along the last axis.
 
     ``deltas`` is ``[..., T]``; ``coeffs`` is ``[..., T]`` or ``[...]`` when
-    constant in time. Returns float32 ``[..., T]``. ``interpret`` None means
-    True off GPUs.
+    constant in time. Returns float32 ``[..., T]``. ``backend`` is one of
+    :data:`BACKENDS`; ``interpret`` None means True off GPUs.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "mosaic_gpu" and rows % 128:
+        raise ValueError(f"rows must be a multiple of 128 for Mosaic GPU, got {rows}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     shape = deltas.shape
@@ -153,5 +170,5 @@ def reverse_linear_pallas(
     def time_major(x):
         return jnp.pad(x.astype(jnp.float32).reshape(columns, steps).T, widths)
 
-    out = _solve_time_major(time_major(deltas), time_major(coeffs), chunk, rows, interpret)
+    out = _solve_time_major(time_major(deltas), time_major(coeffs), chunk, rows, backend, interpret)
     return out[:steps, :columns].T.reshape(shape)

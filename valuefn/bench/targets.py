@@ -17,8 +17,8 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
 
 The method map times ``associative`` (and ``pallas`` on a GPU) against
 ``scan`` over a grid of shapes (``ratio`` is the speed-up over ``scan``);
-``auto`` is chosen from it. On a GPU the Pallas kernels' chunk and block sizes
-are swept at 256 x 4096 against their defaults.
+``auto`` is chosen from it. On a GPU the Pallas kernels' backend, chunk and
+block sizes are swept at 256 x 4096 against their defaults.
 """
 
 from __future__ import annotations
@@ -45,8 +45,14 @@ MAP_GPU = tuple(
 QUICK_MAP = ((2, 32),)
 NO_MASK = "gae auto, per-step discounts, no mask"
 NO_MASK_ADVANTAGES = "gae auto advantages, per-step discounts, no mask"
-# (chunk, rows) of the Pallas kernels swept on a GPU, and the shape swept.
-PALLAS_SWEEP = tuple((chunk, rows) for chunk in (16, 32, 64, 128) for rows in (32, 64, 128))
+# (backend, chunk, rows) of the Pallas kernels swept on a GPU, and the shape
+# swept; Mosaic GPU takes blocks of a multiple of 128 columns.
+PALLAS_SWEEP = tuple(
+    (backend, chunk, rows)
+    for backend, rows_swept in (("triton", (32, 64, 128)), ("mosaic_gpu", (128, 256)))
+    for chunk in (16, 32, 64, 128)
+    for rows in rows_swept
+)
 PALLAS_SWEEP_SHAPE = (256, 4096)
 
 
@@ -209,30 +215,35 @@ def method_map(shapes, *, repeats: int, gae_methods: tuple[str, ...] | None = No
 
 def pallas_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Figure]:
     """The ``pallas`` method's recursion alone (deltas and coefficients in, ``x``
-    out) at each ``(chunk, rows)`` of ``configs`` against its defaults."""
+    out) at each ``(backend, chunk, rows)`` of ``configs`` against its defaults."""
     rng = np.random.default_rng(0)
     deltas = jnp.asarray(rng.normal(size=(batch, horizon)).astype(np.float32))
     coeffs = jnp.full((batch, horizon), GAMMA * LAMBDA, jnp.float32)
-    default = (_pallas_scan.CHUNK, _pallas_scan.ROWS)
+    default = (_pallas_scan.BACKEND, _pallas_scan.CHUNK, _pallas_scan.ROWS)
     calls = {
-        (chunk, rows): functools.partial(
-            _pallas_scan.reverse_linear_pallas, deltas, coeffs, chunk=chunk, rows=rows
+        (backend, chunk, rows): functools.partial(
+            _pallas_scan.reverse_linear_pallas,
+            deltas,
+            coeffs,
+            chunk=chunk,
+            rows=rows,
+            backend=backend,
         )
-        for chunk, rows in dict.fromkeys((default, *configs))
+        for backend, chunk, rows in dict.fromkeys((default, *configs))
     }
     timings = measure_many(calls, repeats=repeats)
     shape = f"{batch}x{horizon}"
     return [
         timed(
-            f"pallas recursion, chunks of {chunk} steps, blocks of {rows} rows {shape}",
-            timings[chunk, rows],
-            against=(f"defaults {default[0]} x {default[1]} {shape}", timings[default]),
+            f"pallas recursion, {backend}, chunks of {chunk} steps, blocks of {rows} rows {shape}",
+            timings[backend, chunk, rows],
+            against=(f"defaults {' '.join(map(str, default))} {shape}", timings[default]),
             work=batch * horizon,
             work_unit="steps",
             floor=MEMORY,
             floor_work=4 * 3 * batch * horizon,  # deltas and coefficients read, x written
         )
-        for chunk, rows in configs
+        for backend, chunk, rows in configs
     ]
 
 
