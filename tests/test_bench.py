@@ -100,11 +100,16 @@ def test_results_so_far_are_handed_on_after_each_benchmark_but_the_last(monkeypa
     assert [f["name"] for f in final["figures"]] == ["targets", "update", "rollout"]
 
 
-def test_pallas_is_timed_only_where_its_kernels_are_compiled():
+def test_pallas_is_timed_only_where_its_kernels_are_compiled(monkeypatch):
     assert ("pallas" in targets.methods()) == (jax.default_backend() == "gpu")
+    monkeypatch.setattr(targets.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(targets, "_pallas_fails", lambda **options: None)
+    assert targets.methods()[-1] == "pallas"
+    monkeypatch.setattr(targets, "_pallas_fails", lambda **options: "no Triton here")
+    assert "pallas" not in targets.methods()
 
 
-def test_pallas_figures_run_interpreted_at_tiny_sizes():
+def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys):
     # On a CPU Pallas interprets the kernels: slow, but the figures' code runs.
     compared = targets.compare_shape(
         2, 16, repeats=1, torch=None, rlax=None, gae_methods=("scan", "pallas")
@@ -113,8 +118,12 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes():
     mapped = targets.method_map([(2, 16)], repeats=1, gae_methods=("scan", "associative", "pallas"))
     assert [f.name for f in mapped] == ["gae map: associative 2x16", "gae map: pallas 2x16"]
     assert all(f.baseline == "scan 2x16" for f in mapped)
-    (swept,) = targets.pallas_sweep(2, 16, [("triton", 4, 8)], repeats=1)
+    # A configuration whose kernels fail (Mosaic GPU takes blocks of 128 columns
+    # or more) is left out, not the sweep.
+    configs = [("triton", 4, 8), ("mosaic_gpu", 4, 8)]
+    (swept,) = targets.pallas_sweep(2, 16, configs, repeats=1)
     assert swept.name == "pallas recursion, triton, chunks of 4 steps, blocks of 8 rows 2x16"
+    assert "'backend': 'mosaic_gpu'" in capsys.readouterr().err
     assert swept.floor_work == 4 * 3 * 2 * 16
 
 
