@@ -337,7 +337,6 @@ def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
         return path
 
     results = run_suite(args.only, quick=args.quick, progress=None if args.no_save else save)
-    results["command"] = command
     print(format_results(results, markdown=args.markdown))
     if not args.no_save:
         print(f"wrote {save(results)}")
