@@ -50,6 +50,7 @@ class _Steps(NamedTuple):
     discounts: Array  # [..., T], 0 on masked steps
     gamma: Array  # discounts as given, float32, broadcastable to [..., T], not masked
     valid: Array  # [..., T] bool
+    masked: bool  # a mask was given: valid is not all true by construction
     next_values: Array | None  # [..., T] V after step t: final value, next valid value or bootstrap
     chain: Array  # [..., T] discount into the next valid step's return, 0 at truncation
     next_index: Array | None  # [..., T] int32 index of the next valid step (T if none)
@@ -164,6 +165,7 @@ def _prepare(
         gammas,
         gamma,
         valid,
+        mask is not None,
         next_values,
         chain,
         next_index,
@@ -431,7 +433,7 @@ def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
     deltas = steps.rewards + steps.discounts * steps.next_values - steps.values
     deltas = jnp.where(steps.valid, deltas, 0.0)
     coeffs = None
-    if method == "scan" and steps.next_index is None and steps.cut is None:
+    if method == "scan" and not steps.masked and steps.cut is None:
         # No mask and no truncation: the coefficient is lambda * gamma.
         coeffs = _constant_in_time(lam * steps.gamma, deltas.shape)
     if coeffs is None:
