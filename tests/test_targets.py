@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import valuefn as vf
+from valuefn import _pallas_gae
 from valuefn._pallas_scan import reverse_linear_pallas
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -314,6 +315,136 @@ def test_pallas_options_are_checked(options, name):
     x = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match=name):
         reverse_linear_pallas(x, x, **options)
+
+
+@pytest.fixture
+def small_fused_pallas(monkeypatch):
+    """``gae(method="pallas")`` reads its inputs in its own kernels for a multiple
+    of 4 steps: chunks of 4 steps, blocks of 2 rows (1 for an odd batch)."""
+    monkeypatch.setattr(_pallas_gae, "CHUNK", 4)
+    monkeypatch.setattr(_pallas_gae, "ROWS", 2)
+
+
+def pallas_calls(fn, *args):
+    """The Pallas kernels in ``fn``'s program and whether they are the fused GAE's."""
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return jaxpr.count("pallas_call["), "name=_gae_pallas" in jaxpr
+
+
+# Chunks of 4 steps: one chunk (4 steps), several (12), their maps' walk over
+# 7 chunks (28); two batch axes, an odd batch in blocks of 1 row, no batch; the
+# discounts per step, per row or scalar.
+@pytest.mark.parametrize("shape", [(2, 4), (4, 12), (2, 2, 28), (3, 8), (8,)], ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("discounts", ["per step", "per row", "scalar"])
+def test_fused_pallas_gae_matches_reference(small_fused_pallas, shape, masked, discounts):
+    seed = shape[-1] + 2 * masked + len(discounts)
+    inputs = make_episode(shape, seed, masked=masked, truncations=False)
+    if discounts == "per row":
+        inputs["discounts"] = inputs["discounts"][..., :1]
+    elif discounts == "scalar":
+        inputs["discounts"] = 0.9
+    if masked:
+        inputs["mask"] = np.random.default_rng(seed).random(shape) < 0.6
+    calls, fused = pallas_calls(lambda: call(vf.gae, inputs, 0.8, method="pallas"))
+    assert (calls, fused) == (3, True)
+    advantages, returns = call(vf.gae, inputs, 0.8, method="pallas")
+    broadcast = {**inputs, "discounts": np.broadcast_to(inputs["discounts"], shape)}
+    for name, got in (("gae_advantages", advantages), ("gae_returns", returns)):
+        np.testing.assert_allclose(got, call(KERNELS[name][1], broadcast), **TOL)
+
+
+def test_fused_pallas_gae_takes_any_mask_dtype_and_lambda_per_row(small_fused_pallas):
+    inputs = make_episode((4, 8), seed=3, truncations=False)
+    lambdas = np.random.default_rng(3).uniform(0.5, 1.0, size=(4, 1)).astype(np.float32)
+    expected = call(vf.gae, inputs, lambdas, method="scan")
+    for mask in (
+        inputs["mask"],
+        inputs["mask"].astype(np.float32),
+        inputs["mask"].astype(np.int32),
+    ):
+        got = call(vf.gae, {**inputs, "mask": mask}, lambdas, method="pallas")
+        assert pallas_calls(
+            lambda m=mask: call(vf.gae, {**inputs, "mask": m}, lambdas, method="pallas")
+        )[1]
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, **TOL)
+
+
+def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
+    # Truncation, lambda varying in time, or a horizon off the chunks take the
+    # recursion's kernels after XLA's passes, with the same numbers.
+    inputs = make_episode((4, 8), seed=4)
+    lambdas = np.full((4, 8), 0.8, np.float32)
+    untruncated = {k: v for k, v in inputs.items() if k not in ("truncated", "final_values")}
+    for case, lam in ((inputs, 0.8), (untruncated, lambdas), (make_episode((4, 6), 4), 0.8)):
+        assert not pallas_calls(lambda c=case, lam=lam: call(vf.gae, c, lam, method="pallas"))[1]
+        for got, expected in zip(
+            call(vf.gae, case, lam, method="pallas"),
+            call(vf.gae, case, lam, method="scan"),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, expected, **TOL)
+
+
+def test_fused_pallas_gae_vmaps(small_fused_pallas):
+    inputs = make_episode((3, 2, 8), seed=5, truncations=False)
+    positional, options = split(inputs)
+
+    def gae(rewards, values, discounts, bootstrap_value, mask):
+        return vf.gae(rewards, values, discounts, bootstrap_value, 0.8, mask=mask, method="pallas")
+
+    args = (*positional, options["mask"])
+    assert pallas_calls(jax.vmap(gae), *args)[1]
+    got = jax.vmap(gae)(*args)
+    for g, e in zip(got, call(vf.gae, inputs, 0.8, method="scan"), strict=True):
+        np.testing.assert_allclose(g, e, **TOL)
+
+
+def test_fused_pallas_gae_differentiates(small_fused_pallas):
+    # No gradient by default; unstopped, forward mode is the reference applied
+    # to the direction (the targets are linear in rewards, values and the
+    # bootstrap value) and reverse mode its transpose.
+    inputs = make_episode((2, 12), seed=7, truncations=False)
+    for grad in _grads(gae_part(0), {**inputs, "lambda_": 0.8}, method="pallas"):
+        np.testing.assert_array_equal(grad, 0.0)
+    direction = make_episode((2, 12), seed=17, truncations=False)
+    keys = ("rewards", "values", "bootstrap_value")
+
+    def advantages(*arrays):
+        changed = {**inputs, **dict(zip(keys, arrays, strict=True))}
+        return call(vf.gae, changed, 0.8, method="pallas", stop_target_gradients=False)[0]
+
+    primals = tuple(inputs[key] for key in keys)
+    tangents = tuple(direction[key] for key in keys)
+    _, derivative = jax.jvp(advantages, primals, tangents)
+    expected = call(
+        KERNELS["gae_advantages"][1], {**inputs, **dict(zip(keys, tangents, strict=True))}
+    )
+    np.testing.assert_allclose(derivative, expected, **TOL)
+    cotangent = np.random.default_rng(7).normal(size=(2, 12)).astype(np.float32)
+    _, pullback = jax.vjp(advantages, *primals)
+    backward = sum(
+        np.sum(np.asarray(g, np.float64) * t)
+        for g, t in zip(pullback(cotangent), tangents, strict=True)
+    )
+    forward = np.sum(cotangent * np.asarray(derivative, np.float64))
+    np.testing.assert_allclose(backward, forward, rtol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_pallas_gae_lowers_for_an_nvidia_gpu(masked):
+    # At the default chunk and rows: three Triton kernels, with a mask or not.
+    shape = (64, 256)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    b = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    mask = jax.ShapeDtypeStruct(shape, jnp.bool_) if masked else None
+    gae = jax.jit(functools.partial(_pallas_gae.gae_pallas, interpret=False))
+    lowered = gae.trace(x, x, scalar, b, scalar, mask).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    target = "__gpu$xla.gpu.triton"
+    assert text.count("custom_call @") == text.count(f"custom_call @{target}") == 3
 
 
 def test_horizon_one_is_one_step():

@@ -67,23 +67,26 @@ def _walk_kernel(deltas_ref, coeffs_ref, entering_ref, out_ref):
         out_ref[t, :] = x
 
 
+def compiler_params(backend: str):
+    """Pallas compiler parameters for ``backend``: one warp a program on Triton."""
+    # Imported here so that ``import valuefn`` does not load Pallas.
+    if backend == "triton":
+        from jax.experimental.pallas import triton as plt
+
+        return plt.CompilerParams(num_warps=1, num_stages=1)
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.CompilerParams()
+
+
 def _call(kernel, inputs, outputs, *, chunk, rows, backend, interpret):
     """``kernel`` over a grid of (column blocks, chunks) of time-major ``[T, N]`` arrays.
 
     ``inputs`` and ``outputs`` are ``(array or shape, steps per block)``: a block
     covers ``chunk`` steps of the full arrays and 1 step of the per-chunk ones.
     """
-    # Imported here so that ``import valuefn`` does not load Pallas.
     from jax.experimental import pallas as pl
 
-    if backend == "triton":
-        from jax.experimental.pallas import triton as plt
-
-        params = plt.CompilerParams(num_warps=1, num_stages=1)
-    else:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-
-        params = plgpu.CompilerParams()
     steps, columns = inputs[0][0].shape
 
     def spec(block_steps):
@@ -95,7 +98,7 @@ def _call(kernel, inputs, outputs, *, chunk, rows, backend, interpret):
         grid=(columns // rows, steps // chunk),
         in_specs=[spec(block) for _, block in inputs],
         out_specs=[spec(block) for _, block in outputs],
-        compiler_params=params,
+        compiler_params=compiler_params(backend),
         interpret=interpret,
     )(*(array for array, _ in inputs))
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from valuefn import _pallas_gae
 from valuefn._checks import as_real, check_broadcastable, check_shape, concrete_or_none
 from valuefn._pallas_scan import reverse_linear_pallas
 
@@ -372,6 +373,43 @@ def _reverse_linear_pallas_jvp(primals, tangents):
     return x, _reverse_linear_associative(deltas_dot + coeffs_dot * x_next, coeffs)
 
 
+@jax.custom_jvp
+def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, mask):
+    """``_pallas_gae.gae_pallas``, differentiable: the derivative is that of
+    ``gae(method="associative")``, which JAX also transposes for reverse mode."""
+    # The module's sizes are read at each call, so that tests can set small ones.
+    return _pallas_gae.gae_pallas(
+        rewards,
+        values,
+        discounts,
+        bootstrap_value,
+        lam,
+        mask,
+        chunk=_pallas_gae.CHUNK,
+        rows=_pallas_gae.ROWS,
+    )
+
+
+@_gae_pallas.defjvp
+def _gae_pallas_jvp(primals, tangents):
+    *differentiable, mask = primals
+
+    def reference(rewards, values, discounts, bootstrap_value, lam):
+        return gae(
+            rewards,
+            values,
+            discounts,
+            bootstrap_value,
+            lam,
+            mask=mask,
+            stop_target_gradients=False,
+            method="associative",
+        )
+
+    _, out_dot = jax.jvp(reference, tuple(differentiable), tuple(tangents[:-1]))
+    return _gae_pallas(*primals), out_dot
+
+
 def _constant_in_time(x: Array, shape: tuple[int, ...]) -> Array | None:
     """``x`` (broadcastable to ``shape = [..., T]``) as a ``[...]`` array when it
     does not vary along time, else None."""
@@ -590,8 +628,10 @@ def gae(
         ``A -> delta_t + c_t A`` composed in blocks of a few steps),
         ``"associative"`` (``lax.associative_scan`` over the same maps),
         ``"pallas"`` (Pallas kernels for NVIDIA GPUs that walk chunks of steps
-        and join them by their composed maps; interpreted, slowly, on other
-        backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
+        and join them by their composed maps, reading rewards, values,
+        discounts and mask themselves where there is no truncation, lambda is
+        constant in time and T a multiple of their chunk; interpreted, slowly,
+        on other backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
         CPU and for short horizons, else ``"associative"``). All give the same
         numbers up to float rounding.
       Other arguments as :func:`td_targets`.
@@ -605,6 +645,13 @@ def gae(
       Advantage Estimation, 2016.
     """
     method = _resolve_method(method, np.shape(rewards)[-1] if np.ndim(rewards) else 0)
+    # Where it can, pallas reads the inputs in its own kernels (valuefn/_pallas_gae.py).
+    fused = (
+        method == "pallas"
+        and truncated is None
+        and (np.ndim(lambda_) == 0 or np.shape(lambda_)[-1] == 1)
+        and _pallas_gae.block_rows(np.shape(rewards), chunk=_pallas_gae.CHUNK) is not None
+    )
     steps = _prepare(
         rewards,
         values,
@@ -613,14 +660,25 @@ def gae(
         mask,
         truncated,
         final_values,
-        resolve_next=method != "scan",
+        resolve_next=method != "scan" and not fused,
         # With a mask, pallas finds the next valid values by its own kernels
         # instead of an index lookup (a cummin and a gather).
         solve=_reverse_linear_pallas if method == "pallas" else None,
     )
     lam = _check_lambda(lambda_, steps.rewards.shape)
-    advantages = _advantages(steps, lam, method)
-    returns = advantages + steps.values  # both 0 on masked steps
+    if fused:
+        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        advantages, returns = _gae_pallas(
+            f32(rewards),
+            f32(values),
+            steps.gamma,
+            steps.bootstrap_value,
+            lam,
+            None if mask is None else jnp.asarray(mask),
+        )
+    else:
+        advantages = _advantages(steps, lam, method)
+        returns = advantages + steps.values  # both 0 on masked steps
     return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
 
 

@@ -1,0 +1,235 @@
+"""GAE as Pallas GPU kernels that read the batch-major inputs themselves.
+
+``gae(..., method="pallas")`` runs here when it can (no truncation, lambda
+constant in time, ``T`` a multiple of the chunk); otherwise it solves the
+recursion with the kernels of :mod:`valuefn._pallas_scan` after XLA has
+computed the TD errors and moved them time-major, a dozen passes over
+``[B, T]`` arrays where GAE needs five (three read, two written).
+
+The state walked back in time is ``(A, V)``: the advantage and the value at the
+next valid step, ``(0, bootstrap)`` past the end. A valid step maps it to
+``(r - v + gamma (V + lambda A), v)``; a masked one passes it through. Each step
+is the map ``(A, V) -> (a A + b V + e, d V + f)``, and two such maps compose into
+one of the same form, so:
+
+1. one kernel composes each chunk of ``chunk`` steps into one map;
+2. one kernel walks the chunk maps of each block of rows back from the end,
+   which gives the state entering each chunk from the right;
+3. one kernel walks every chunk from that state and writes the advantages and
+   returns.
+
+Kernels 1 and 3 read rewards, values and the discounts and mask where they vary
+in time, one step of ``rows`` rows at a time: strided loads, whose memory
+sectors the next steps of the same program read from cache. The next valid value
+is part of the state, so neither the shifted values nor the TD errors are ever
+written out: about eight passes over ``[B, T]`` arrays in all. Triton only:
+Mosaic GPU wants contiguous loads of 128 elements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from valuefn._pallas_scan import compiler_params
+
+Array = jax.Array
+
+# Steps a program walks and rows it holds (powers of two). Chosen without a GPU
+# measurement yet: the benchmark suite sweeps them on a GPU.
+CHUNK = 64
+ROWS = 32
+
+
+def _where(valid, x, y):
+    """``jnp.where`` that folds when ``valid`` is the constant True (no mask)."""
+    return x if valid is True else jnp.where(valid, x, y)
+
+
+def _step_map(valid, reward, value, gamma, lam):
+    """Step t as ``(a, b, e, d, f)``: ``(A, V) -> (a A + b V + e, d V + f)``."""
+    return (
+        _where(valid, lam * gamma, 1.0),
+        _where(valid, gamma, 0.0),
+        _where(valid, reward - value, 0.0),
+        _where(valid, 0.0, 1.0),
+        _where(valid, value, 0.0),
+    )
+
+
+def _compose(earlier, later):
+    """The map that applies ``later``, then ``earlier``."""
+    a0, b0, e0, d0, f0 = earlier
+    a1, b1, e1, d1, f1 = later
+    return a0 * a1, a0 * b1 + b0 * d1, a0 * e1 + b0 * f1 + e0, d0 * d1, d0 * f1 + f0
+
+
+def _apply(step, advantage, value):
+    a, b, e, d, f = step
+    return a * advantage + b * value + e, d * value + f
+
+
+def _inputs_at(refs, t):
+    """Rewards, values, discounts, lambda and validity at step ``t`` of the block.
+
+    A ``[rows, 1]`` ref is constant in time; ``mask`` None means every step valid.
+    """
+    rewards, values, gamma, lam, mask = refs
+
+    def at(ref):
+        return ref[:, t] if ref.shape[1] > 1 else ref[:, 0]
+
+    valid = True if mask is None else at(mask) != 0
+    return valid, at(rewards), at(values), at(gamma), at(lam)
+
+
+def _split_refs(refs, masked: bool, inputs: int):
+    ins, outs = refs[:inputs], refs[inputs:]
+    mask = ins[4] if masked else None
+    return (*ins[:4], mask), ins[5 if masked else 4 :], outs
+
+
+def _compose_kernel(*refs, masked: bool):
+    """One chunk's map from its steps' maps, written to column 0 of the outputs."""
+    steps, _, outs = _split_refs(refs, masked, 5 if masked else 4)
+    chunk = steps[0].shape[1]
+    valid, reward, value, gamma, lam = _inputs_at(steps, chunk - 1)
+    whole = _step_map(valid, reward, value, gamma, lam)
+    for t in range(chunk - 2, -1, -1):
+        valid, reward, value, gamma, lam = _inputs_at(steps, t)
+        whole = _compose(_step_map(valid, reward, value, gamma, lam), whole)
+    rows = steps[0].shape[0]
+    for out, coefficient in zip(outs, whole, strict=True):
+        out[:, 0] = jnp.broadcast_to(coefficient, (rows,)).astype(jnp.float32)
+
+
+def _entering_kernel(a, b, e, d, f, bootstrap, advantage_ref, value_ref):
+    """The state entering each chunk from the right, for one block of rows."""
+    chunks = a.shape[1]
+
+    def body(i, state):
+        k = chunks - 1 - i
+        advantage_ref[:, k], value_ref[:, k] = state
+        return _apply(tuple(ref[:, k] for ref in (a, b, e, d, f)), *state)
+
+    start = (jnp.zeros(bootstrap.shape[:1], jnp.float32), bootstrap[:, 0])
+    jax.lax.fori_loop(0, chunks, body, start)
+
+
+def _walk_kernel(*refs, masked: bool):
+    """One chunk's advantages and returns from the state entering it."""
+    steps, (advantage_in, value_in), (advantages, returns) = _split_refs(
+        refs, masked, 7 if masked else 6
+    )
+    advantage_next, value_next = advantage_in[:, 0], value_in[:, 0]
+    for t in range(steps[0].shape[1] - 1, -1, -1):
+        valid, reward, value, gamma, lam = _inputs_at(steps, t)
+        advantage = reward - value + gamma * (value_next + lam * advantage_next)
+        advantages[:, t] = _where(valid, advantage, 0.0)
+        returns[:, t] = _where(valid, advantage + value, 0.0)
+        advantage_next = _where(valid, advantage, advantage_next)
+        value_next = _where(valid, value, value_next)
+
+
+def block_rows(shape: tuple[int, ...], *, chunk: int = CHUNK, rows: int = ROWS) -> int | None:
+    """Rows a program of :func:`gae_pallas` holds for ``[..., T]`` inputs of
+    ``shape``: ``rows``, or the largest power of two that divides a smaller
+    flattened batch; None where ``T`` is not a multiple of ``chunk``."""
+    if len(shape) < 1 or shape[-1] < 1 or shape[-1] % chunk:
+        return None
+    columns = math.prod(shape[:-1])
+    if columns % rows == 0:
+        return rows
+    return columns & -columns if columns else None
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "rows", "interpret"))
+def gae_pallas(
+    rewards: Array,
+    values: Array,
+    discounts: Array,
+    bootstrap_value: Array,
+    lambda_: Array,
+    mask: Array | None = None,
+    *,
+    chunk: int = CHUNK,
+    rows: int = ROWS,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:
+    """GAE advantages and returns, both 0 on masked steps.
+
+    ``rewards`` and ``values`` are float32 ``[..., T]``, ``bootstrap_value``
+    ``[...]``; ``discounts`` and ``lambda_`` broadcastable to ``[..., T]`` and
+    ``mask`` (any dtype, nonzero for valid steps) ``[..., T]`` or None. ``lambda_``
+    must not vary in time (``[..., 1]`` at most). ``T`` must be a multiple of
+    ``chunk``; the batch is cut into blocks of :func:`block_rows` rows. No
+    derivative rules: ``valuefn.gae`` supplies them.
+    """
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    shape = rewards.shape
+    steps = shape[-1]
+    rows = block_rows(shape, chunk=chunk, rows=rows)
+    if rows is None:
+        raise ValueError(f"rewards shape {shape}: T must be a multiple of chunk={chunk}")
+    if jnp.ndim(lambda_) and jnp.shape(lambda_)[-1] != 1:
+        raise ValueError("lambda_ must not vary in time for gae_pallas")
+    columns = rewards.size // steps
+
+    def batch_major(x, dtype=jnp.float32):
+        """``[N, T]``, or ``[N, 1]`` when constant in time."""
+        x = jnp.asarray(x, dtype)
+        width = steps if x.ndim and x.shape[-1] == steps else 1
+        if x.ndim and x.shape[-1] == 1:
+            x = x[..., 0]
+        x = jnp.broadcast_to(x[..., None] if width == 1 else x, shape[:-1] + (width,))
+        return x.reshape(columns, width)
+
+    inputs = [batch_major(x) for x in (rewards, values, discounts, lambda_)]
+    masked = mask is not None
+    if masked:
+        inputs.append(batch_major(mask, mask.dtype if mask.dtype != jnp.bool_ else jnp.int8))
+    chunks = steps // chunk
+    grid = (columns // rows, chunks)
+    params = compiler_params("triton")
+
+    def spec(x):
+        if x.shape[1] == 1:
+            return pl.BlockSpec((rows, 1), lambda r, k: (r, 0))
+        return pl.BlockSpec((rows, chunk), lambda r, k: (r, k))
+
+    per_chunk = pl.BlockSpec((rows, 1), lambda r, k: (r, k))
+    maps = pl.pallas_call(
+        functools.partial(_compose_kernel, masked=masked),
+        out_shape=[jax.ShapeDtypeStruct((columns, chunks), jnp.float32)] * 5,
+        grid=grid,
+        in_specs=[spec(x) for x in inputs],
+        out_specs=[per_chunk] * 5,
+        compiler_params=params,
+        interpret=interpret,
+    )(*inputs)
+    whole_rows = pl.BlockSpec((rows, chunks), lambda r: (r, 0))
+    entering = pl.pallas_call(
+        _entering_kernel,
+        out_shape=[jax.ShapeDtypeStruct((columns, chunks), jnp.float32)] * 2,
+        grid=(columns // rows,),
+        in_specs=[whole_rows] * 5 + [pl.BlockSpec((rows, 1), lambda r: (r, 0))],
+        out_specs=[whole_rows] * 2,
+        compiler_params=params,
+        interpret=interpret,
+    )(*maps, batch_major(bootstrap_value[..., None]))
+    advantages, returns = pl.pallas_call(
+        functools.partial(_walk_kernel, masked=masked),
+        out_shape=[jax.ShapeDtypeStruct((columns, steps), jnp.float32)] * 2,
+        grid=grid,
+        in_specs=[spec(x) for x in inputs] + [per_chunk] * 2,
+        out_specs=[spec(inputs[0])] * 2,
+        compiler_params=params,
+        interpret=interpret,
+    )(*inputs, *entering)
+    return advantages.reshape(shape), returns.reshape(shape)
