@@ -103,13 +103,13 @@ def test_results_so_far_are_handed_on_after_each_benchmark_but_the_last(monkeypa
 def test_pallas_is_timed_only_where_its_kernels_are_compiled(monkeypatch):
     assert ("pallas" in targets.methods()) == (jax.default_backend() == "gpu")
     monkeypatch.setattr(targets.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(targets, "_pallas_fails", lambda **options: None)
+    monkeypatch.setattr(targets, "_pallas_fails", lambda *args: None)
     assert targets.methods()[-1] == "pallas"
-    monkeypatch.setattr(targets, "_pallas_fails", lambda **options: "no Triton here")
+    monkeypatch.setattr(targets, "_pallas_fails", lambda *args: "no Triton here")
     assert "pallas" not in targets.methods()
 
 
-def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys):
+def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
     # On a CPU Pallas interprets the kernels: slow, but the figures' code runs.
     compared = targets.compare_shape(
         2, 16, repeats=1, torch=None, rlax=None, gae_methods=("scan", "pallas")
@@ -125,6 +125,13 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys):
     assert swept.name == "pallas recursion, triton, chunks of 4 steps, blocks of 8 rows 2x16"
     assert "'backend': 'mosaic_gpu'" in capsys.readouterr().err
     assert swept.floor_work == 4 * 3 * 2 * 16
+    # GAE's kernels that read the inputs, against defaults that fit 16 steps:
+    # chunks that do not divide T are left out.
+    monkeypatch.setattr(targets._pallas_gae, "CHUNK", 8)
+    (fused,) = targets.fused_sweep(2, 16, [(4, 2), (32, 2)], repeats=1)
+    assert fused.name == "pallas gae with a mask, chunks of 4 steps, blocks of 2 rows 2x16"
+    assert "'fused': True, 'chunk': 32" in capsys.readouterr().err
+    assert fused.floor_work == targets.gae_bytes(2, 16)
 
 
 def test_gae_is_compared_with_rlax_output_for_output():

@@ -17,8 +17,10 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
 
 The method map times ``associative`` (and ``pallas`` on a GPU) against
 ``scan`` over a grid of shapes (``ratio`` is the speed-up over ``scan``);
-``auto`` is chosen from it. On a GPU the Pallas kernels' backend, chunk and
-block sizes are swept at 256 x 4096 against their defaults.
+``auto`` is chosen from it. On a GPU the Pallas kernels are swept at
+256 x 4096 against their defaults: the chunk and block sizes of GAE's kernels
+that read the inputs (the path ``gae pallas`` takes there), and the backend,
+chunk and block sizes of the recursion alone.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import valuefn
-from valuefn import _pallas_scan
+from valuefn import _pallas_gae, _pallas_scan
 from valuefn.bench.figures import Figure, Timing, measure_many, optional, timed
 from valuefn.bench.hardware import MEMORY
 
@@ -55,6 +57,8 @@ PALLAS_SWEEP = tuple(
     for rows in rows_swept
 )
 PALLAS_SWEEP_SHAPE = (256, 4096)
+# (chunk, rows) of the Pallas GAE kernels that read the inputs, swept at the same shape.
+FUSED_SWEEP = tuple((chunk, rows) for chunk in (16, 32, 64, 128) for rows in (8, 16, 32, 64))
 
 
 def methods() -> tuple[str, ...]:
@@ -66,14 +70,21 @@ def methods() -> tuple[str, ...]:
     return timed_methods + ("pallas",)
 
 
-def _pallas_fails(deltas=None, coeffs=None, **options) -> str | None:
-    """Why the Pallas recursion with ``options`` fails to run on these inputs (by
-    default a small pair), or None: kernels that do not compile cost their own
-    figures, not the others'."""
-    if deltas is None:
-        deltas = coeffs = jnp.ones((4, 300), jnp.float32)
+def _small_pallas_calls():
+    """The Pallas kernels on small inputs: the recursion over 300 steps, and GAE
+    with a mask over 128, which reads its inputs in its own kernels."""
+    x = jnp.ones((4, 300), jnp.float32)
+    yield _pallas_scan.reverse_linear_pallas(x, x)
+    x = jnp.ones((4, 128), jnp.float32)
+    yield valuefn.gae(x, x, GAMMA, x[:, 0], LAMBDA, mask=x, method="pallas")
+
+
+def _pallas_fails(run=None, options=None) -> str | None:
+    """Why ``run()`` (by default :func:`_small_pallas_calls`) fails, or None:
+    Pallas kernels that do not compile cost their own figures, not the others'.
+    ``options`` names the configuration on stderr."""
     try:
-        jax.block_until_ready(_pallas_scan.reverse_linear_pallas(deltas, coeffs, **options))
+        jax.block_until_ready(list(_small_pallas_calls()) if run is None else run())
     except Exception as err:  # any failure to lower, compile or run
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         print(f"[targets] pallas {options or 'defaults'} left out: {reason}", file=sys.stderr)
@@ -239,11 +250,6 @@ def pallas_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Fig
     deltas = jnp.asarray(rng.normal(size=(batch, horizon)).astype(np.float32))
     coeffs = jnp.full((batch, horizon), GAMMA * LAMBDA, jnp.float32)
     default = (_pallas_scan.BACKEND, _pallas_scan.CHUNK, _pallas_scan.ROWS)
-    configs = [
-        (backend, chunk, rows)
-        for backend, chunk, rows in configs
-        if _pallas_fails(deltas, coeffs, backend=backend, chunk=chunk, rows=rows) is None
-    ]
     calls = {
         (backend, chunk, rows): functools.partial(
             _pallas_scan.reverse_linear_pallas,
@@ -255,19 +261,71 @@ def pallas_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Fig
         )
         for backend, chunk, rows in dict.fromkeys((default, *configs))
     }
-    timings = measure_many(calls, repeats=repeats)
-    shape = f"{batch}x{horizon}"
+    return _sweep(
+        calls,
+        configs,
+        default,
+        options=lambda c: dict(zip(("backend", "chunk", "rows"), c, strict=True)),
+        name=lambda c: f"pallas recursion, {c[0]}, chunks of {c[1]} steps, blocks of {c[2]} rows",
+        shape=(batch, horizon),
+        floor_work=4 * 3 * batch * horizon,  # deltas and coefficients read, x written
+        repeats=repeats,
+    )
+
+
+def fused_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Figure]:
+    """GAE with a mask by ``method="pallas"``'s kernels that read the inputs
+    (valuefn/_pallas_gae.py) at each ``(chunk, rows)`` of ``configs`` against
+    their defaults; configurations whose kernels fail are left out."""
+    rewards, values, bootstrap, mask = (jnp.asarray(x) for x in make_inputs(batch, horizon))
+    default = (_pallas_gae.CHUNK, _pallas_gae.ROWS)
+    calls = {
+        (chunk, rows): functools.partial(
+            _pallas_gae.gae_pallas,
+            rewards,
+            values,
+            jnp.float32(GAMMA),
+            bootstrap,
+            jnp.float32(LAMBDA),
+            mask,
+            chunk=chunk,
+            rows=rows,
+        )
+        for chunk, rows in dict.fromkeys((default, *configs))
+    }
+    return _sweep(
+        calls,
+        configs,
+        default,
+        options=lambda c: {"fused": True, "chunk": c[0], "rows": c[1]},
+        name=lambda c: f"pallas gae with a mask, chunks of {c[0]} steps, blocks of {c[1]} rows",
+        shape=(batch, horizon),
+        floor_work=gae_bytes(batch, horizon),
+        repeats=repeats,
+    )
+
+
+def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats):
+    """``calls[config]`` timed for each of ``configs`` whose kernels run (the others
+    left out, ``options(config)`` and the reason on stderr) against
+    ``calls[default]``; ``name(config)`` names the figure."""
+    configs = [c for c in configs if _pallas_fails(calls[c], options(c)) is None]
+    timings = measure_many(
+        {c: calls[c] for c in dict.fromkeys((default, *configs))}, repeats=repeats
+    )
+    batch, horizon = shape
+    label = f"{batch}x{horizon}"
     return [
         timed(
-            f"pallas recursion, {backend}, chunks of {chunk} steps, blocks of {rows} rows {shape}",
-            timings[backend, chunk, rows],
-            against=(f"defaults {' '.join(map(str, default))} {shape}", timings[default]),
+            f"{name(c)} {label}",
+            timings[c],
+            against=(f"defaults {' '.join(map(str, default))} {label}", timings[default]),
             work=batch * horizon,
             work_unit="steps",
             floor=MEMORY,
-            floor_work=4 * 3 * batch * horizon,  # deltas and coefficients read, x written
+            floor_work=floor_work,
         )
-        for backend, chunk, rows in configs
+        for c in configs
     ]
 
 
@@ -286,5 +344,6 @@ def run(quick: bool) -> list[Figure]:
         grid = MAP_CPU if jax.default_backend() == "cpu" else MAP_GPU
     figures += method_map(grid, repeats=repeats, gae_methods=gae_methods)
     if "pallas" in gae_methods and not quick:
+        figures += fused_sweep(*PALLAS_SWEEP_SHAPE, FUSED_SWEEP, repeats=repeats)
         figures += pallas_sweep(*PALLAS_SWEEP_SHAPE, PALLAS_SWEEP, repeats=repeats)
     return figures
