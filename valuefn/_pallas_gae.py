@@ -86,15 +86,17 @@ def _inputs_at(refs, t):
     return valid, at(rewards), at(values), at(gamma), at(lam)
 
 
-def _split_refs(refs, masked: bool, inputs: int):
-    ins, outs = refs[:inputs], refs[inputs:]
-    mask = ins[4] if masked else None
-    return (*ins[:4], mask), ins[5 if masked else 4 :], outs
+def _split_refs(refs, masked: bool, more_inputs: int):
+    """``(rewards, values, gamma, lam, mask or None)``, the ``more_inputs`` refs
+    after them, and the output refs."""
+    steps = 5 if masked else 4
+    inputs, outs = refs[: steps + more_inputs], refs[steps + more_inputs :]
+    return (*inputs[:4], inputs[4] if masked else None), inputs[steps:], outs
 
 
 def _compose_kernel(*refs, masked: bool):
     """One chunk's map from its steps' maps, written to column 0 of the outputs."""
-    steps, _, outs = _split_refs(refs, masked, 5 if masked else 4)
+    steps, _, outs = _split_refs(refs, masked, 0)
     chunk = steps[0].shape[1]
     valid, reward, value, gamma, lam = _inputs_at(steps, chunk - 1)
     whole = _step_map(valid, reward, value, gamma, lam)
@@ -121,9 +123,7 @@ def _entering_kernel(a, b, e, d, f, bootstrap, advantage_ref, value_ref):
 
 def _walk_kernel(*refs, masked: bool):
     """One chunk's advantages and returns from the state entering it."""
-    steps, (advantage_in, value_in), (advantages, returns) = _split_refs(
-        refs, masked, 7 if masked else 6
-    )
+    steps, (advantage_in, value_in), (advantages, returns) = _split_refs(refs, masked, 2)
     advantage_next, value_next = advantage_in[:, 0], value_in[:, 0]
     for t in range(steps[0].shape[1] - 1, -1, -1):
         valid, reward, value, gamma, lam = _inputs_at(steps, t)
