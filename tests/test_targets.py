@@ -332,9 +332,10 @@ def pallas_calls(fn, *args):
 
 
 # Chunks of 4 steps: one chunk (4 steps), several (12), their maps' walk over
-# 7 chunks (28); two batch axes, an odd batch in blocks of 1 row, no batch; the
-# discounts per step, per row or scalar.
-@pytest.mark.parametrize("shape", [(2, 4), (4, 12), (2, 2, 28), (3, 8), (8,)], ids=str)
+# 7 chunks (28) and over 37 (148: two groups of 16 in a loop and 5 before);
+# two batch axes, an odd batch in blocks of 1 row, no batch; the discounts per
+# step, per row or scalar.
+@pytest.mark.parametrize("shape", [(2, 4), (4, 12), (2, 2, 28), (2, 148), (3, 8), (8,)], ids=str)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("discounts", ["per step", "per row", "scalar"])
 def test_fused_pallas_gae_matches_reference(small_fused_pallas, shape, masked, discounts):

@@ -42,6 +42,8 @@ Array = jax.Array
 # measurement yet: the benchmark suite sweeps them on a GPU.
 CHUNK = 64
 ROWS = 32
+# Chunk maps a program of the second kernel walks unrolled.
+UNROLL = 16
 
 
 def _where(valid, x, y):
@@ -109,16 +111,30 @@ def _compose_kernel(*refs, masked: bool):
 
 
 def _entering_kernel(a, b, e, d, f, bootstrap, advantage_ref, value_ref):
-    """The state entering each chunk from the right, for one block of rows."""
+    """The state entering each chunk from the right, for one block of rows.
+
+    The chunk maps are walked ``UNROLL`` at a time, unrolled, so that a group's
+    loads are all issued before its chain of updates, in a loop over the groups
+    (a loop that walked one map an iteration would wait for each load in turn).
+    """
     chunks = a.shape[1]
 
-    def body(i, state):
-        k = chunks - 1 - i
+    def walk(k, state):
         advantage_ref[:, k], value_ref[:, k] = state
         return _apply(tuple(ref[:, k] for ref in (a, b, e, d, f)), *state)
 
-    start = (jnp.zeros(bootstrap.shape[:1], jnp.float32), bootstrap[:, 0])
-    jax.lax.fori_loop(0, chunks, body, start)
+    groups, rest = divmod(chunks, UNROLL)
+    state = (jnp.zeros(bootstrap.shape[:1], jnp.float32), bootstrap[:, 0])
+    for k in range(chunks - 1, chunks - 1 - rest, -1):
+        state = walk(k, state)
+
+    def group(i, state):
+        last = (groups - i) * UNROLL - 1
+        for j in range(UNROLL):
+            state = walk(last - j, state)
+        return state
+
+    jax.lax.fori_loop(0, groups, group, state)
 
 
 def _walk_kernel(*refs, masked: bool):
