@@ -334,13 +334,16 @@ def pallas_calls(fn, *args):
 # Chunks of 4 steps: one chunk (4 steps), several (12), their maps' walk over
 # 7 chunks (28) and over 37 (148: two groups of 16 in a loop and 5 before);
 # two batch axes, an odd batch in blocks of 1 row, no batch; the discounts per
-# step, per row or scalar.
+# step, per row or scalar; with and without a mask and truncations.
 @pytest.mark.parametrize("shape", [(2, 4), (4, 12), (2, 2, 28), (2, 148), (3, 8), (8,)], ids=str)
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("truncations", [False, True])
 @pytest.mark.parametrize("discounts", ["per step", "per row", "scalar"])
-def test_fused_pallas_gae_matches_reference(small_fused_pallas, shape, masked, discounts):
-    seed = shape[-1] + 2 * masked + len(discounts)
-    inputs = make_episode(shape, seed, masked=masked, truncations=False)
+def test_fused_pallas_gae_matches_reference(
+    small_fused_pallas, shape, masked, truncations, discounts
+):
+    seed = shape[-1] + 2 * masked + 4 * truncations + len(discounts)
+    inputs = make_episode(shape, seed, masked=masked, truncations=truncations)
     if discounts == "per row":
         inputs["discounts"] = inputs["discounts"][..., :1]
     elif discounts == "scalar":
@@ -355,34 +358,29 @@ def test_fused_pallas_gae_matches_reference(small_fused_pallas, shape, masked, d
         np.testing.assert_allclose(got, call(KERNELS[name][1], broadcast), **TOL)
 
 
-def test_fused_pallas_gae_takes_any_mask_dtype_and_lambda_per_row(small_fused_pallas):
-    inputs = make_episode((4, 8), seed=3, truncations=False)
-    lambdas = np.random.default_rng(3).uniform(0.5, 1.0, size=(4, 1)).astype(np.float32)
-    expected = call(ref.gae_advantages, inputs, lambdas), call(ref.lambda_returns, inputs, lambdas)
-    for mask in (
-        inputs["mask"],
-        inputs["mask"].astype(np.float32),
-        inputs["mask"].astype(np.int32),
-    ):
-        got = call(vf.gae, {**inputs, "mask": mask}, lambdas, method="pallas")
-        assert pallas_calls(
-            lambda m=mask: call(vf.gae, {**inputs, "mask": m}, lambdas, method="pallas")
-        )[1]
+@pytest.mark.parametrize("lambdas", ["per row", "per step"])
+def test_fused_pallas_gae_takes_any_flag_dtype_and_lambda_in_time(small_fused_pallas, lambdas):
+    inputs = make_episode((4, 8), seed=3)
+    size = (4, 1) if lambdas == "per row" else (4, 8)
+    lam = np.random.default_rng(3).uniform(0.5, 1.0, size=size).astype(np.float32)
+    expected = call(ref.gae_advantages, inputs, lam), call(ref.lambda_returns, inputs, lam)
+    for dtype in (bool, np.float32, np.int32):
+        flags = {key: inputs[key].astype(dtype) for key in ("mask", "truncated")}
+        case = {**inputs, **flags}
+        assert pallas_calls(lambda c=case: call(vf.gae, c, lam, method="pallas"))[1]
+        got = call(vf.gae, case, lam, method="pallas")
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, **TOL)
 
 
 def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
-    # Truncation, lambda varying in time, or a horizon off the chunks take the
-    # recursion's kernels after XLA's passes, with the reference's numbers.
-    inputs = make_episode((4, 8), seed=4)
-    lambdas = np.random.default_rng(4).uniform(0.5, 1.0, size=(4, 8)).astype(np.float32)
-    untruncated = {k: v for k, v in inputs.items() if k not in ("truncated", "final_values")}
-    for case, lam in ((inputs, 0.8), (untruncated, lambdas), (make_episode((4, 6), 4), 0.8)):
-        assert not pallas_calls(lambda c=case, lam=lam: call(vf.gae, c, lam, method="pallas"))[1]
-        expected = call(ref.gae_advantages, case, lam), call(ref.lambda_returns, case, lam)
-        for got, e in zip(call(vf.gae, case, lam, method="pallas"), expected, strict=True):
-            np.testing.assert_allclose(got, e, **TOL)
+    # A horizon off the chunks takes the recursion's kernels after XLA's
+    # passes, with the reference's numbers.
+    inputs = make_episode((4, 6), seed=4)
+    assert not pallas_calls(lambda: call(vf.gae, inputs, 0.8, method="pallas"))[1]
+    expected = call(ref.gae_advantages, inputs, 0.8), call(ref.lambda_returns, inputs, 0.8)
+    for got, e in zip(call(vf.gae, inputs, 0.8, method="pallas"), expected, strict=True):
+        np.testing.assert_allclose(got, e, **TOL)
 
 
 def test_fused_pallas_gae_vmaps(small_fused_pallas):
@@ -402,13 +400,13 @@ def test_fused_pallas_gae_vmaps(small_fused_pallas):
 
 def test_fused_pallas_gae_differentiates(small_fused_pallas):
     # No gradient by default; unstopped, forward mode is the reference applied
-    # to the direction (the targets are linear in rewards, values and the
-    # bootstrap value) and reverse mode its transpose.
-    inputs = make_episode((2, 12), seed=7, truncations=False)
+    # to the direction (the targets are linear in rewards, values, the
+    # bootstrap value and the final values) and reverse mode its transpose.
+    inputs = make_episode((2, 12), seed=7)
     for grad in _grads(gae_part(0), {**inputs, "lambda_": 0.8}, method="pallas"):
         np.testing.assert_array_equal(grad, 0.0)
-    direction = make_episode((2, 12), seed=17, truncations=False)
-    keys = ("rewards", "values", "bootstrap_value")
+    direction = make_episode((2, 12), seed=17)
+    keys = ("rewards", "values", "bootstrap_value", "final_values")
 
     def advantages(*arrays):
         changed = {**inputs, **dict(zip(keys, arrays, strict=True))}
@@ -431,16 +429,17 @@ def test_fused_pallas_gae_differentiates(small_fused_pallas):
     np.testing.assert_allclose(backward, forward, rtol=1e-4)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_fused_pallas_gae_lowers_for_an_nvidia_gpu(masked):
-    # At the default chunk and rows: three Triton kernels, with a mask or not.
+@pytest.mark.parametrize(("masked", "truncated"), [(False, False), (True, False), (True, True)])
+def test_fused_pallas_gae_lowers_for_an_nvidia_gpu(masked, truncated):
+    # At the default chunk and rows: three Triton kernels, whatever they read.
     shape = (64, 256)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     b = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
-    mask = jax.ShapeDtypeStruct(shape, jnp.bool_) if masked else None
+    flags = jax.ShapeDtypeStruct(shape, jnp.bool_)
     gae = jax.jit(functools.partial(_pallas_gae.gae_pallas, interpret=False))
-    lowered = gae.trace(x, x, scalar, b, scalar, mask).lower(lowering_platforms=("cuda",))
+    optional = (flags if masked else None, flags if truncated else None, x if truncated else None)
+    lowered = gae.trace(x, x, scalar, b, scalar, *optional).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     target = "__gpu$xla.gpu.triton"
     assert text.count("custom_call @") == text.count(f"custom_call @{target}") == 3

@@ -1,16 +1,17 @@
 """GAE as Pallas GPU kernels that read the batch-major inputs themselves.
 
-``gae(..., method="pallas")`` runs here when it can (no truncation, lambda
-constant in time, ``T`` a multiple of the chunk); otherwise it solves the
-recursion with the kernels of :mod:`valuefn._pallas_scan` after XLA has
-computed the TD errors and moved them time-major, a dozen passes over
-``[B, T]`` arrays where GAE needs five (three read, two written).
+``gae(..., method="pallas")`` runs here when ``T`` is a multiple of the chunk;
+otherwise it solves the recursion with the kernels of
+:mod:`valuefn._pallas_scan` after XLA has computed the TD errors and moved them
+time-major, a dozen passes over ``[B, T]`` arrays where GAE needs five (three
+read, two written).
 
 The state walked back in time is ``(A, V)``: the advantage and the value at the
 next valid step, ``(0, bootstrap)`` past the end. A valid step maps it to
-``(r - v + gamma (V + lambda A), v)``; a masked one passes it through. Each step
-is the map ``(A, V) -> (a A + b V + e, d V + f)``, and two such maps compose into
-one of the same form, so:
+``(r - v + gamma (V + lambda A), v)``, or to ``(r - v + gamma V_final, v)``
+where a time limit cut the episode after it; a masked step passes it through.
+Each step is the map ``(A, V) -> (a A + b V + e, d V + f)``, and two such maps
+compose into one of the same form, so:
 
 1. one kernel composes each chunk of ``chunk`` steps into one map;
 2. one kernel walks the chunk maps of each block of rows back from the end,
@@ -18,12 +19,14 @@ one of the same form, so:
 3. one kernel walks every chunk from that state and writes the advantages and
    returns.
 
-Kernels 1 and 3 read rewards, values and the discounts and mask where they vary
-in time, one step of ``rows`` rows at a time: strided loads, whose memory
-sectors the next steps of the same program read from cache. The next valid value
-is part of the state, so neither the shifted values nor the TD errors are ever
-written out: about eight passes over ``[B, T]`` arrays in all. Triton only:
-Mosaic GPU wants contiguous loads of 128 elements.
+Kernels 1 and 3 read rewards, values, and the discounts, lambda, mask,
+truncation flags and final values where given and varying in time, one step
+of ``rows`` rows at a time: strided loads, whose memory sectors the next steps
+of the same program read from cache. The next valid value is part of the
+state, so neither the shifted values nor the TD errors are ever written out:
+about eight passes over ``[B, T]`` arrays in all with a mask (rewards, values
+and mask read twice, advantages and returns written). Triton only: Mosaic GPU
+wants contiguous loads of 128 elements.
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ def _where(valid, x, y):
     return x if valid is True else jnp.where(valid, x, y)
 
 
-def _step_map(valid, reward, value, gamma, lam):
+def _step_map(valid, gain, value, chain, lam):
     """Step t as ``(a, b, e, d, f)``: ``(A, V) -> (a A + b V + e, d V + f)``."""
     return (
-        _where(valid, lam * gamma, 1.0),
-        _where(valid, gamma, 0.0),
-        _where(valid, reward - value, 0.0),
+        _where(valid, lam * chain, 1.0),
+        _where(valid, chain, 0.0),
+        _where(valid, gain, 0.0),
         _where(valid, 0.0, 1.0),
         _where(valid, value, 0.0),
     )
@@ -74,38 +77,50 @@ def _apply(step, advantage, value):
     return a * advantage + b * value + e, d * value + f
 
 
-def _inputs_at(refs, t):
-    """Rewards, values, discounts, lambda and validity at step ``t`` of the block.
+def _inputs_at(steps: dict, t: int):
+    """``(valid, gain, value, chain, lambda)`` at step ``t`` of the block.
 
-    A ``[rows, 1]`` ref is constant in time; ``mask`` None means every step valid.
+    ``steps`` maps the names in :func:`_step_names` to refs; a ``[rows, 1]``
+    ref is constant in time. ``gain = r - v``, plus ``gamma`` times the final
+    value at a truncation, and ``chain``, the discount into the next valid
+    step, is ``gamma``, 0 at a truncation; ``valid`` is the constant True
+    without a mask.
     """
-    rewards, values, gamma, lam, mask = refs
 
-    def at(ref):
+    def at(name):
+        ref = steps[name]
         return ref[:, t] if ref.shape[1] > 1 else ref[:, 0]
 
-    valid = True if mask is None else at(mask) != 0
-    return valid, at(rewards), at(values), at(gamma), at(lam)
+    reward, value, gamma = at("rewards"), at("values"), at("discounts")
+    gain, chain = reward - value, gamma
+    if "truncated" in steps:
+        cut = at("truncated") != 0
+        gain = gain + jnp.where(cut, gamma * at("final_values"), 0.0)
+        chain = jnp.where(cut, 0.0, gamma)
+    valid = at("mask") != 0 if "mask" in steps else True
+    return valid, gain, value, chain, at("lambda")
 
 
-def _split_refs(refs, masked: bool, more_inputs: int):
-    """``(rewards, values, gamma, lam, mask or None)``, the ``more_inputs`` refs
-    after them, and the output refs."""
-    steps = 5 if masked else 4
-    inputs, outs = refs[: steps + more_inputs], refs[steps + more_inputs :]
-    return (*inputs[:4], inputs[4] if masked else None), inputs[steps:], outs
+def _step_names(masked: bool, truncated: bool) -> tuple[str, ...]:
+    """The per-step inputs the kernels read, in order."""
+    names = ("rewards", "values", "discounts", "lambda")
+    return names + ("mask",) * masked + ("truncated", "final_values") * truncated
 
 
-def _compose_kernel(*refs, masked: bool):
+def _split_refs(refs, names: tuple[str, ...], more_inputs: int):
+    """The step refs by name, the ``more_inputs`` refs after them, the outputs."""
+    count = len(names)
+    steps = dict(zip(names, refs[:count], strict=True))
+    return steps, refs[count : count + more_inputs], refs[count + more_inputs :]
+
+
+def _compose_kernel(*refs, names: tuple[str, ...]):
     """One chunk's map from its steps' maps, written to column 0 of the outputs."""
-    steps, _, outs = _split_refs(refs, masked, 0)
-    chunk = steps[0].shape[1]
-    valid, reward, value, gamma, lam = _inputs_at(steps, chunk - 1)
-    whole = _step_map(valid, reward, value, gamma, lam)
+    steps, _, outs = _split_refs(refs, names, 0)
+    rows, chunk = steps["rewards"].shape
+    whole = _step_map(*_inputs_at(steps, chunk - 1))
     for t in range(chunk - 2, -1, -1):
-        valid, reward, value, gamma, lam = _inputs_at(steps, t)
-        whole = _compose(_step_map(valid, reward, value, gamma, lam), whole)
-    rows = steps[0].shape[0]
+        whole = _compose(_step_map(*_inputs_at(steps, t)), whole)
     for out, coefficient in zip(outs, whole, strict=True):
         out[:, 0] = jnp.broadcast_to(coefficient, (rows,)).astype(jnp.float32)
 
@@ -137,13 +152,13 @@ def _entering_kernel(a, b, e, d, f, bootstrap, advantage_ref, value_ref):
     jax.lax.fori_loop(0, groups, group, state)
 
 
-def _walk_kernel(*refs, masked: bool):
+def _walk_kernel(*refs, names: tuple[str, ...]):
     """One chunk's advantages and returns from the state entering it."""
-    steps, (advantage_in, value_in), (advantages, returns) = _split_refs(refs, masked, 2)
+    steps, (advantage_in, value_in), (advantages, returns) = _split_refs(refs, names, 2)
     advantage_next, value_next = advantage_in[:, 0], value_in[:, 0]
-    for t in range(steps[0].shape[1] - 1, -1, -1):
-        valid, reward, value, gamma, lam = _inputs_at(steps, t)
-        advantage = reward - value + gamma * (value_next + lam * advantage_next)
+    for t in range(steps["rewards"].shape[1] - 1, -1, -1):
+        valid, gain, value, chain, lam = _inputs_at(steps, t)
+        advantage = gain + chain * (value_next + lam * advantage_next)
         advantages[:, t] = _where(valid, advantage, 0.0)
         returns[:, t] = _where(valid, advantage + value, 0.0)
         advantage_next = _where(valid, advantage, advantage_next)
@@ -170,6 +185,8 @@ def gae_pallas(
     bootstrap_value: Array,
     lambda_: Array,
     mask: Array | None = None,
+    truncated: Array | None = None,
+    final_values: Array | None = None,
     *,
     chunk: int = CHUNK,
     rows: int = ROWS,
@@ -177,12 +194,14 @@ def gae_pallas(
 ) -> tuple[Array, Array]:
     """GAE advantages and returns, both 0 on masked steps.
 
-    ``rewards`` and ``values`` are float32 ``[..., T]``, ``bootstrap_value``
-    ``[...]``; ``discounts`` and ``lambda_`` broadcastable to ``[..., T]`` and
-    ``mask`` (any dtype, nonzero for valid steps) ``[..., T]`` or None. ``lambda_``
-    must not vary in time (``[..., 1]`` at most). ``T`` must be a multiple of
-    ``chunk``; the batch is cut into blocks of :func:`block_rows` rows. No
-    derivative rules: ``valuefn.gae`` supplies them.
+    ``rewards`` and ``values`` are ``[..., T]``, ``bootstrap_value`` ``[...]``;
+    ``discounts``, ``lambda_``, ``mask`` (any dtype, nonzero for valid steps),
+    ``truncated`` (nonzero where a time limit cut the episode after the step)
+    and ``final_values`` (read at the cuts) broadcastable to ``[..., T]``, the
+    last three optional (``final_values`` with ``truncated``). Inputs are as
+    ``valuefn.gae`` has checked them. ``T`` must be a multiple of ``chunk``;
+    the batch is cut into blocks of :func:`block_rows` rows. No derivative
+    rules: ``valuefn.gae`` supplies them.
     """
     from jax.experimental import pallas as pl
 
@@ -193,8 +212,6 @@ def gae_pallas(
     rows = block_rows(shape, chunk=chunk, rows=rows)
     if rows is None:
         raise ValueError(f"rewards shape {shape}: T must be a multiple of chunk={chunk}")
-    if jnp.ndim(lambda_) and jnp.shape(lambda_)[-1] != 1:
-        raise ValueError("lambda_ must not vary in time for gae_pallas")
     columns = rewards.size // steps
 
     def batch_major(x, dtype=jnp.float32):
@@ -206,10 +223,17 @@ def gae_pallas(
         x = jnp.broadcast_to(x[..., None] if width == 1 else x, shape[:-1] + (width,))
         return x.reshape(columns, width)
 
+    def flags(x):
+        """A mask or truncation flag ``[N, T]`` or ``[N, 1]``, bools as bytes."""
+        x = jnp.asarray(x)
+        return batch_major(x, jnp.int8 if x.dtype == jnp.bool_ else x.dtype)
+
+    names = _step_names(mask is not None, truncated is not None)
     inputs = [batch_major(x) for x in (rewards, values, discounts, lambda_)]
-    masked = mask is not None
-    if masked:
-        inputs.append(batch_major(mask, mask.dtype if mask.dtype != jnp.bool_ else jnp.int8))
+    if mask is not None:
+        inputs.append(flags(mask))
+    if truncated is not None:
+        inputs += [flags(truncated), batch_major(final_values)]
     chunks = steps // chunk
     grid = (columns // rows, chunks)
     params = compiler_params("triton")
@@ -221,7 +245,7 @@ def gae_pallas(
 
     per_chunk = pl.BlockSpec((rows, 1), lambda r, k: (r, k))
     maps = pl.pallas_call(
-        functools.partial(_compose_kernel, masked=masked),
+        functools.partial(_compose_kernel, names=names),
         out_shape=[jax.ShapeDtypeStruct((columns, chunks), jnp.float32)] * 5,
         grid=grid,
         in_specs=[spec(x) for x in inputs],
@@ -240,7 +264,7 @@ def gae_pallas(
         interpret=interpret,
     )(*maps, batch_major(bootstrap_value[..., None]))
     advantages, returns = pl.pallas_call(
-        functools.partial(_walk_kernel, masked=masked),
+        functools.partial(_walk_kernel, names=names),
         out_shape=[jax.ShapeDtypeStruct((columns, steps), jnp.float32)] * 2,
         grid=grid,
         in_specs=[spec(x) for x in inputs] + [per_chunk] * 2,

@@ -374,7 +374,7 @@ def _reverse_linear_pallas_jvp(primals, tangents):
 
 
 @jax.custom_jvp
-def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, mask):
+def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, final_values, mask, truncated):
     """``_pallas_gae.gae_pallas``, differentiable: the derivative is that of
     ``gae(method="associative")``, which JAX also transposes for reverse mode."""
     # The module's sizes are read at each call, so that tests can set small ones.
@@ -385,6 +385,8 @@ def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, mask):
         bootstrap_value,
         lam,
         mask,
+        truncated,
+        final_values,
         chunk=_pallas_gae.CHUNK,
         rows=_pallas_gae.ROWS,
     )
@@ -392,9 +394,9 @@ def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, mask):
 
 @_gae_pallas.defjvp
 def _gae_pallas_jvp(primals, tangents):
-    *differentiable, mask = primals
+    *differentiable, mask, truncated = primals
 
-    def reference(rewards, values, discounts, bootstrap_value, lam):
+    def reference(rewards, values, discounts, bootstrap_value, lam, final_values):
         return gae(
             rewards,
             values,
@@ -402,11 +404,13 @@ def _gae_pallas_jvp(primals, tangents):
             bootstrap_value,
             lam,
             mask=mask,
+            truncated=truncated,
+            final_values=final_values,
             stop_target_gradients=False,
             method="associative",
         )
 
-    _, out_dot = jax.jvp(reference, tuple(differentiable), tuple(tangents[:-1]))
+    _, out_dot = jax.jvp(reference, tuple(differentiable), tuple(tangents[:-2]))
     return _gae_pallas(*primals), out_dot
 
 
@@ -628,10 +632,9 @@ def gae(
         ``A -> delta_t + c_t A`` composed in blocks of a few steps),
         ``"associative"`` (``lax.associative_scan`` over the same maps),
         ``"pallas"`` (Pallas kernels for NVIDIA GPUs that walk chunks of steps
-        and join them by their composed maps, reading rewards, values,
-        discounts and mask themselves where there is no truncation, lambda is
-        constant in time and T a multiple of their chunk; interpreted, slowly,
-        on other backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
+        and join them by their composed maps, reading the inputs themselves
+        where T is a multiple of their chunk; interpreted, slowly, on other
+        backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
         CPU and for short horizons, else ``"associative"``). All give the same
         numbers up to float rounding.
       Other arguments as :func:`td_targets`.
@@ -648,8 +651,6 @@ def gae(
     # Where it can, pallas reads the inputs in its own kernels (valuefn/_pallas_gae.py).
     fused = (
         method == "pallas"
-        and truncated is None
-        and (np.ndim(lambda_) == 0 or np.shape(lambda_)[-1] == 1)
         and _pallas_gae.block_rows(np.shape(rewards), chunk=_pallas_gae.CHUNK) is not None
     )
     steps = _prepare(
@@ -674,7 +675,9 @@ def gae(
             steps.gamma,
             steps.bootstrap_value,
             lam,
+            None if truncated is None else f32(final_values),
             None if mask is None else jnp.asarray(mask),
+            None if truncated is None else jnp.asarray(truncated),
         )
     else:
         advantages = _advantages(steps, lam, method)
