@@ -79,6 +79,64 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
     )
 
 
+class _Checked(NamedTuple):
+    """The inputs as given, checked: float32 where they are real values."""
+
+    rewards: Array  # [..., T]
+    values: Array  # [..., T]
+    discounts: Array  # broadcastable to [..., T]
+    bootstrap_value: Array  # [...]
+    mask: Array | None  # broadcastable to [..., T], as given (bool or numbers)
+    truncated: Array | None  # broadcastable to [..., T], as given
+    final_values: Array | None  # broadcastable to [..., T], with truncated
+
+
+def _check(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    discounts: ArrayLike,
+    bootstrap_value: ArrayLike,
+    mask: ArrayLike | None,
+    truncated: ArrayLike | None,
+    final_values: ArrayLike | None,
+) -> _Checked:
+    """Checks the inputs' shapes and dtypes, raising ValueErrors that name them."""
+    rewards = as_real("rewards", rewards)
+    if rewards.ndim < 1 or rewards.shape[-1] < 1:
+        raise ValueError(
+            f"rewards must have a time axis last, shape [..., T] with T >= 1; "
+            f"got shape {rewards.shape}"
+        )
+    shape = rewards.shape
+    values = check_shape("values", as_real("values", values), shape)
+    bootstrap_value = check_shape(
+        "bootstrap_value", as_real("bootstrap_value", bootstrap_value), shape[:-1]
+    )
+    discounts = check_broadcastable("discounts", as_real("discounts", discounts), shape)
+    if mask is not None:
+        mask = check_broadcastable("mask", as_real("mask", mask, allow_bool=True), shape)
+    if truncated is not None:
+        if final_values is None:
+            raise ValueError("truncated needs final_values: V(final observation) at each cut")
+        truncated = check_broadcastable(
+            "truncated", as_real("truncated", truncated, allow_bool=True), shape
+        )
+        final_values = check_broadcastable(
+            "final_values", as_real("final_values", final_values), shape
+        )
+        final_values = jnp.asarray(final_values, jnp.float32)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return _Checked(
+        f32(rewards),
+        f32(values),
+        f32(discounts),
+        f32(bootstrap_value),
+        mask,
+        truncated,
+        final_values,
+    )
+
+
 def _prepare(
     rewards: ArrayLike,
     values: ArrayLike,
@@ -99,36 +157,12 @@ def _prepare(
     ``solve``, a solver of the reverse linear recursion, the next valid value
     comes from that recursion and ``next_index`` is None.
     """
-    rewards = as_real("rewards", rewards)
-    if rewards.ndim < 1 or rewards.shape[-1] < 1:
-        raise ValueError(
-            f"rewards must have a time axis last, shape [..., T] with T >= 1; "
-            f"got shape {rewards.shape}"
-        )
+    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    rewards, values, gamma, bootstrap_value, _, _, final_values = checked
     shape = rewards.shape
-    values = check_shape("values", as_real("values", values), shape)
-    bootstrap_value = check_shape(
-        "bootstrap_value", as_real("bootstrap_value", bootstrap_value), shape[:-1]
-    )
-    gammas = check_broadcastable("discounts", as_real("discounts", discounts), shape)
-    valid = None
-    if mask is not None:
-        valid = check_broadcastable("mask", as_real("mask", mask, allow_bool=True), shape)
-        valid = jnp.broadcast_to(valid != 0, shape)
+    valid = None if mask is None else jnp.broadcast_to(checked.mask != 0, shape)
     if truncated is not None:
-        if final_values is None:
-            raise ValueError("truncated needs final_values: V(final observation) at each cut")
-        cut = check_broadcastable(
-            "truncated", as_real("truncated", truncated, allow_bool=True), shape
-        )
-        cut = jnp.broadcast_to(cut != 0, shape)
-        final_values = check_broadcastable(
-            "final_values", as_real("final_values", final_values), shape
-        )
-
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    rewards, values, bootstrap_value = f32(rewards), f32(values), f32(bootstrap_value)
-    gamma = f32(gammas)
+        cut = jnp.broadcast_to(checked.truncated != 0, shape)
     gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
     if valid is None:
@@ -152,7 +186,7 @@ def _prepare(
     if truncated is not None:
         if valid is not None:
             cut = cut & valid
-        cut_values = f32(jnp.broadcast_to(final_values, shape))
+        cut_values = jnp.broadcast_to(final_values, shape)
         if next_values is not None:
             next_values = jnp.where(cut, cut_values, next_values)
         chain = jnp.where(cut, 0.0, gammas)
@@ -653,33 +687,29 @@ def gae(
         method == "pallas"
         and _pallas_gae.block_rows(np.shape(rewards), chunk=_pallas_gae.CHUNK) is not None
     )
-    steps = _prepare(
-        rewards,
-        values,
-        discounts,
-        bootstrap_value,
-        mask,
-        truncated,
-        final_values,
-        resolve_next=method != "scan" and not fused,
-        # With a mask, pallas finds the next valid values by its own kernels
-        # instead of an index lookup (a cummin and a gather).
-        solve=_reverse_linear_pallas if method == "pallas" else None,
-    )
-    lam = _check_lambda(lambda_, steps.rewards.shape)
+    inputs = (rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
     if fused:
-        f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+        checked = _check(*inputs)
+        lam = _check_lambda(lambda_, checked.rewards.shape)
         advantages, returns = _gae_pallas(
-            f32(rewards),
-            f32(values),
-            steps.gamma,
-            steps.bootstrap_value,
+            checked.rewards,
+            checked.values,
+            checked.discounts,
+            checked.bootstrap_value,
             lam,
-            None if truncated is None else f32(final_values),
-            None if mask is None else jnp.asarray(mask),
-            None if truncated is None else jnp.asarray(truncated),
+            checked.final_values,
+            checked.mask,
+            checked.truncated,
         )
     else:
+        steps = _prepare(
+            *inputs,
+            resolve_next=method != "scan",
+            # With a mask, pallas finds the next valid values by its own kernels
+            # instead of an index lookup (a cummin and a gather).
+            solve=_reverse_linear_pallas if method == "pallas" else None,
+        )
+        lam = _check_lambda(lambda_, steps.rewards.shape)
         advantages = _advantages(steps, lam, method)
         returns = advantages + steps.values  # both 0 on masked steps
     return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
