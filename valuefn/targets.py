@@ -138,18 +138,12 @@ def _check(
 
 
 def _prepare(
-    rewards: ArrayLike,
-    values: ArrayLike,
-    discounts: ArrayLike,
-    bootstrap_value: ArrayLike,
-    mask: ArrayLike | None,
-    truncated: ArrayLike | None,
-    final_values: ArrayLike | None,
+    checked: _Checked,
     *,
     resolve_next: bool = True,
     solve: Callable[[Array, Array], Array] | None = None,
 ) -> _Steps:
-    """Checks and aligns the inputs.
+    """Aligns the checked inputs.
 
     With a mask and ``resolve_next=False`` the next valid step is not looked up:
     ``next_values`` and ``next_index`` are None and a caller that walks the steps
@@ -157,11 +151,11 @@ def _prepare(
     ``solve``, a solver of the reverse linear recursion, the next valid value
     comes from that recursion and ``next_index`` is None.
     """
-    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
     rewards, values, gamma, bootstrap_value, _, _, final_values = checked
     shape = rewards.shape
-    valid = None if mask is None else jnp.broadcast_to(checked.mask != 0, shape)
-    if truncated is not None:
+    masked, truncated = checked.mask is not None, checked.truncated is not None
+    valid = jnp.broadcast_to(checked.mask != 0, shape) if masked else None
+    if truncated:
         cut = jnp.broadcast_to(checked.truncated != 0, shape)
     gammas = jnp.broadcast_to(gamma, shape)
     next_index = next_values = None
@@ -183,7 +177,7 @@ def _prepare(
         gammas = jnp.where(valid, gammas, 0.0)
     chain = gammas
     cut_values = None
-    if truncated is not None:
+    if truncated:
         if valid is not None:
             cut = cut & valid
         cut_values = jnp.broadcast_to(final_values, shape)
@@ -200,7 +194,7 @@ def _prepare(
         gammas,
         gamma,
         valid,
-        mask is not None,
+        masked,
         next_values,
         chain,
         next_index,
@@ -558,7 +552,9 @@ def td_targets(
     References:
       Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 6.
     """
-    steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    steps = _prepare(
+        _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    )
     targets = steps.rewards + steps.discounts * steps.next_values
     return _finish(jnp.where(steps.valid, targets, 0.0), stop_target_gradients)
 
@@ -629,7 +625,9 @@ def n_step_targets(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a Python int >= 1, got {n!r}")
-    steps = _prepare(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    steps = _prepare(
+        _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    )
     horizon = steps.rewards.shape[-1]
     one_step = steps.rewards + steps.discounts * steps.next_values
 
@@ -687,10 +685,9 @@ def gae(
         method == "pallas"
         and _pallas_gae.block_rows(np.shape(rewards), chunk=_pallas_gae.CHUNK) is not None
     )
-    inputs = (rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    lam = _check_lambda(lambda_, checked.rewards.shape)
     if fused:
-        checked = _check(*inputs)
-        lam = _check_lambda(lambda_, checked.rewards.shape)
         advantages, returns = _gae_pallas(
             checked.rewards,
             checked.values,
@@ -703,13 +700,12 @@ def gae(
         )
     else:
         steps = _prepare(
-            *inputs,
+            checked,
             resolve_next=method != "scan",
             # With a mask, pallas finds the next valid values by its own kernels
             # instead of an index lookup (a cummin and a gather).
             solve=_reverse_linear_pallas if method == "pallas" else None,
         )
-        lam = _check_lambda(lambda_, steps.rewards.shape)
         advantages = _advantages(steps, lam, method)
         returns = advantages + steps.values  # both 0 on masked steps
     return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
