@@ -383,6 +383,15 @@ def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
         np.testing.assert_allclose(got, e, **TOL)
 
 
+def test_fused_pallas_gae_ignores_final_values_without_truncations(small_fused_pallas):
+    # As every method does: final values are read at truncations only.
+    inputs = make_episode((2, 8), seed=6, truncations=False)
+    final_values = np.full((2, 8), 5.0).tolist()
+    got = call(vf.gae, {**inputs, "final_values": final_values}, 0.8, method="pallas")
+    for g, e in zip(got, call(vf.gae, inputs, 0.8, method="pallas"), strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
 def test_fused_pallas_gae_vmaps(small_fused_pallas):
     inputs = make_episode((3, 2, 8), seed=5, truncations=False)
     positional, options = split(inputs)

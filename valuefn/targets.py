@@ -113,6 +113,7 @@ def _check(
         "bootstrap_value", as_real("bootstrap_value", bootstrap_value), shape[:-1]
     )
     discounts = check_broadcastable("discounts", as_real("discounts", discounts), shape)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     if mask is not None:
         mask = check_broadcastable("mask", as_real("mask", mask, allow_bool=True), shape)
     if truncated is not None:
@@ -121,11 +122,11 @@ def _check(
         truncated = check_broadcastable(
             "truncated", as_real("truncated", truncated, allow_bool=True), shape
         )
-        final_values = check_broadcastable(
-            "final_values", as_real("final_values", final_values), shape
+        final_values = f32(
+            check_broadcastable("final_values", as_real("final_values", final_values), shape)
         )
-        final_values = jnp.asarray(final_values, jnp.float32)
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    else:
+        final_values = None  # read at truncations only
     return _Checked(
         f32(rewards),
         f32(values),
