@@ -9,11 +9,14 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from valuefn import cli
 from valuefn.bench import hardware, suite, targets
 from valuefn.bench.figures import Figure, Timing, measure_many
+from valuefn.targets import _keeps_prefix
 
 
 def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
@@ -114,7 +117,12 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
     compared = targets.compare_shape(
         2, 16, repeats=1, torch=None, rlax=None, gae_methods=("scan", "pallas")
     )
-    assert [f.name for f in compared] == ["gae numpy loop 2x16", "gae scan 2x16", "gae pallas 2x16"]
+    assert [f.name for f in compared] == [
+        "gae numpy loop 2x16",
+        "gae scan 2x16",
+        "gae pallas 2x16",
+        "gae auto, mask with gaps 2x16",
+    ]
     mapped = targets.method_map([(2, 16)], repeats=1, gae_methods=("scan", "associative", "pallas"))
     assert [f.name for f in mapped] == ["gae map: associative 2x16", "gae map: pallas 2x16"]
     assert all(f.baseline == "scan 2x16" for f in mapped)
@@ -132,6 +140,16 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
     assert fused.name == "pallas gae with a mask, chunks of 4 steps, blocks of 2 rows 2x16"
     assert "'fused': True, 'chunk': 32" in capsys.readouterr().err
     assert fused.floor_work == targets.gae_bytes(2, 16)
+
+
+def test_gae_figures_take_the_right_padded_and_the_general_masked_paths():
+    _, _, _, mask = targets.make_inputs(64, 256)
+    lengths = mask.sum(axis=1)
+    assert lengths.min() >= 128 and lengths.max() <= 256 and len(set(lengths)) > 1
+    assert bool(_keeps_prefix(jnp.asarray(mask != 0)))
+    gaps = targets.with_gaps(mask)
+    assert np.all(gaps <= mask) and 0.05 < 1 - gaps.sum() / mask.sum() < 0.15
+    assert not bool(_keeps_prefix(jnp.asarray(gaps != 0)))
 
 
 def test_gae_is_compared_with_rlax_output_for_output():

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import valuefn as vf
 from valuefn import _pallas_gae
 from valuefn._pallas_scan import reverse_linear_pallas
+from valuefn.targets import _keeps_prefix
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # Few shapes: each new shape costs a compilation. Unbatched, batched, two batch
@@ -34,7 +35,11 @@ def make_episode(
     truncations=True,
     per_step_discounts=True,
 ):
-    """Random kernel inputs as a dict of keyword arguments (absent ones omitted)."""
+    """Random kernel inputs as a dict of keyword arguments (absent ones omitted).
+
+    ``masked="prefix"`` gives a right-padded mask: each row keeps its first
+    ``n`` steps, ``n`` drawn from 0 to T.
+    """
     rng = np.random.default_rng(seed)
 
     def normal(size):
@@ -50,7 +55,10 @@ def make_episode(
     if per_step_discounts:
         gammas = rng.uniform(0.5, 1.0, size=shape).astype(np.float32)
         inputs["discounts"] = np.where(rng.random(shape) < 0.2, 0.0, gammas).astype(np.float32)
-    if masked:
+    if masked == "prefix":
+        lengths = rng.integers(0, shape[-1] + 1, size=shape[:-1])
+        inputs["mask"] = np.arange(shape[-1]) < lengths[..., None]
+    elif masked:
         inputs["mask"] = rng.random(shape) < rng.choice([0.3, 0.7, 1.0])
     if truncations:
         inputs["truncated"] = rng.random(shape) < 0.2
@@ -63,7 +71,7 @@ def episodes(draw):
     return make_episode(
         draw(st.sampled_from(SHAPES)),
         draw(st.integers(0, 2**32 - 1)),
-        masked=draw(st.booleans()),
+        masked=draw(st.sampled_from([False, True, "prefix"])),
         truncations=draw(st.booleans()),
         per_step_discounts=draw(st.booleans()),
     )
@@ -632,6 +640,80 @@ def test_gae_over_several_blocks_matches_reference(shape, options):
             np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
 
 
+# A right-padded mask (each row keeps a prefix of its steps) takes a shorter path,
+# chosen at run time: the next valid step is the next step or none.
+
+
+def test_keeps_prefix_answers_for_the_whole_batch():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 7)))
+        valid = make_episode(shape, int(rng.integers(2**32)), masked="prefix")["mask"]
+        if rng.random() < 0.5:  # a gap in one row
+            valid[rng.integers(shape[0]), rng.integers(shape[1])] ^= True
+        expected = all(
+            not (valid[b, t + 1] and not valid[b, t])
+            for b in range(shape[0])
+            for t in range(shape[1] - 1)
+        )
+        assert bool(_keeps_prefix(jnp.asarray(valid))) == expected
+        # Under vmap too: one answer for all rows (broadcast to each by vmap).
+        np.testing.assert_array_equal(jax.vmap(_keeps_prefix)(jnp.asarray(valid)), expected)
+
+
+# Horizons over several of the scan's blocks, off the fused Pallas kernels' chunk.
+@pytest.mark.parametrize("shape", [(5, 9), (2, 3, 21)], ids=str)
+@pytest.mark.parametrize("truncations", [False, True])
+@pytest.mark.parametrize("per_step_discounts", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_gae_with_a_right_padded_mask_matches_reference(
+    shape, truncations, per_step_discounts, method
+):
+    kernel = jax.jit(functools.partial(call, vf.gae, method=method))
+    rng = np.random.default_rng(shape[-1])
+    # A constant lambda * gamma (no truncations) is kept out of the scanned inputs.
+    lambda_ = rng.uniform(size=shape).astype(np.float32) if per_step_discounts else 0.9
+    lam = np.broadcast_to(np.float32(lambda_), shape)
+    for seed in range(3):
+        inputs = make_episode(
+            shape,
+            seed=seed,
+            masked="prefix",
+            truncations=truncations,
+            per_step_discounts=per_step_discounts,
+        )
+        # Junk on the padding must change nothing.
+        inputs["values"] = np.where(inputs["mask"], inputs["values"], np.float32(1e30))
+        advantages, returns = kernel(inputs, lambda_=lambda_)
+        np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lam), **TOL)
+        np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_right_padding_check_stays_one_branch_under_vmap(gap):
+    """vmapped over rows, GAE must still branch on one answer for all of them
+    (a ``cond``, not a ``select`` of both sides), and give the reference numbers."""
+    inputs = make_episode((4, 9), seed=5, masked="prefix")
+    inputs["mask"][:, 0] = True
+    if gap:
+        inputs["mask"][2, 1:] = True
+        inputs["mask"][2, 4] = False
+    positional, options = split(inputs)
+    keys = tuple(options)
+
+    def row(rewards, values, discounts, bootstrap_value, *extra):
+        options = dict(zip(keys, extra, strict=True))
+        return vf.gae(rewards, values, discounts, bootstrap_value, 0.8, **options)
+
+    mapped = jax.vmap(row)
+    jaxpr = str(jax.make_jaxpr(mapped)(*positional, *options.values()))
+    assert " cond[" in jaxpr
+    advantages, returns = mapped(*positional, *options.values())
+    lam = np.full((4, 9), 0.8, np.float32)
+    np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lam), **TOL)
+    np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
+
+
 def test_discounts_are_gamma_except_at_terminations():
     terminated = np.array([[False, True, False], [True, False, False]])
     out = vf.discounts(0.9, terminated)
@@ -712,15 +794,19 @@ def test_unstopped_derivative_is_the_reference_linear_map(name):
     np.testing.assert_allclose(derivative, expected, **TOL)
 
 
-@pytest.mark.parametrize("method", ["scan", "pallas"])
+# Right-padded masks take a path of their own (tested with the scan only: pallas
+# off its fused kernels shares it).
+@pytest.mark.parametrize(
+    ("method", "masked"), [("scan", True), ("pallas", True), ("scan", "prefix")]
+)
 @pytest.mark.parametrize("name", ["gae_advantages", "gae_returns", "discounted_returns"])
-def test_unstopped_derivatives_over_several_blocks(name, method):
+def test_unstopped_derivatives_over_several_blocks(name, method, masked):
     """Over blocks of the scan (T = 21, a partial first block), forward mode is the
     reference applied to the direction, and reverse mode is its transpose:
-    ``<vjp(c), d> = <c, jvp(d)>``."""
+    ``<vjp(c), d> = <c, jvp(d)>``; with a mask with gaps and a right-padded one."""
     kernel, reference = KERNELS[name]
     shape = (2, 21)
-    inputs = make_episode(shape, seed=5)
+    inputs = make_episode(shape, seed=5, masked=masked)
     direction = make_episode(shape, seed=15)
     keys = ("rewards", "values", "bootstrap_value", "final_values")
 

@@ -51,7 +51,7 @@ class _Steps(NamedTuple):
     discounts: Array  # [..., T], 0 on masked steps
     gamma: Array  # discounts as given, float32, broadcastable to [..., T], not masked
     valid: Array  # [..., T] bool
-    masked: bool  # a mask was given: valid is not all true by construction
+    masked: bool  # a mask was given that may skip steps (not known to keep a prefix)
     next_values: Array | None  # [..., T] V after step t: final value, next valid value or bootstrap
     chain: Array  # [..., T] discount into the next valid step's return, 0 at truncation
     next_index: Array | None  # [..., T] int32 index of the next valid step (T if none)
@@ -143,6 +143,7 @@ def _prepare(
     *,
     resolve_next: bool = True,
     solve: Callable[[Array, Array], Array] | None = None,
+    prefix: bool = False,
 ) -> _Steps:
     """Aligns the checked inputs.
 
@@ -150,7 +151,9 @@ def _prepare(
     ``next_values`` and ``next_index`` are None and a caller that walks the steps
     in reverse (``_masked_gae_scan``) carries the next valid value itself. With
     ``solve``, a solver of the reverse linear recursion, the next valid value
-    comes from that recursion and ``next_index`` is None.
+    comes from that recursion and ``next_index`` is None. With ``prefix`` the
+    caller has checked that the mask keeps a prefix of each row's steps
+    (:func:`_keeps_prefix`): the next valid step is the next step or none.
     """
     rewards, values, gamma, bootstrap_value, _, _, final_values = checked
     shape = rewards.shape
@@ -162,6 +165,12 @@ def _prepare(
     next_index = next_values = None
     if valid is None:
         next_values = _at_next(values, bootstrap_value, None)
+    elif prefix:
+        # After the last valid step come masked steps only: it bootstraps.
+        next_values = _shift_left(
+            jnp.where(valid, values, bootstrap_value[..., None]), bootstrap_value
+        )
+        masked = False
     elif resolve_next and solve is not None:
         next_values = _next_valid_values(values, bootstrap_value, valid, solve)
     elif resolve_next:
@@ -203,6 +212,21 @@ def _prepare(
         cut,
         cut_values,
     )
+
+
+@jax.custom_batching.custom_vmap
+def _keeps_prefix(valid: Array) -> Array:
+    """Whether ``valid`` (bool ``[..., T]``) keeps a prefix of the steps of each
+    row, as a right-padded batch does: a scalar bool."""
+    valid = jnp.atleast_1d(valid)
+    return jnp.all(valid[..., 1:] <= valid[..., :-1])
+
+
+@_keeps_prefix.def_vmap
+def _keeps_prefix_vmap(axis_size, in_batched, valid):
+    # One answer for the whole batch, so that a ``lax.cond`` on it stays a branch
+    # under ``jax.vmap`` instead of computing both sides.
+    return _keeps_prefix(valid), False
 
 
 def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
@@ -670,7 +694,11 @@ def gae(
         backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
         CPU and for short horizons, else ``"associative"``). All give the same
         numbers up to float rounding.
-      Other arguments as :func:`td_targets`.
+      Other arguments as :func:`td_targets`. A mask that keeps a prefix of every
+        row's steps (a right-padded batch, the RLHF layout) is found at run time
+        and takes a shorter path than one with gaps: its next valid step is the
+        next step (but in ``pallas``'s kernels that read the inputs, which take
+        any mask alike). Under ``jax.vmap`` the check answers for the whole batch.
 
     Returns:
       ``(advantages, returns)``, both float32 ``[..., T]`` and 0 on masked steps;
@@ -700,15 +728,28 @@ def gae(
             checked.truncated,
         )
     else:
-        steps = _prepare(
-            checked,
-            resolve_next=method != "scan",
-            # With a mask, pallas finds the next valid values by its own kernels
-            # instead of an index lookup (a cummin and a gather).
-            solve=_reverse_linear_pallas if method == "pallas" else None,
-        )
-        advantages = _advantages(steps, lam, method)
-        returns = advantages + steps.values  # both 0 on masked steps
+
+        def solve(prefix: bool) -> tuple[Array, Array]:
+            steps = _prepare(
+                checked,
+                resolve_next=method != "scan",
+                # With a mask, pallas finds the next valid values by its own kernels
+                # instead of an index lookup (a cummin and a gather).
+                solve=_reverse_linear_pallas if method == "pallas" else None,
+                prefix=prefix,
+            )
+            advantages = _advantages(steps, lam, method)
+            return advantages, advantages + steps.values  # both 0 on masked steps
+
+        if checked.mask is None:
+            advantages, returns = solve(prefix=False)
+        else:
+            # A right-padded mask needs no search for the next valid step.
+            advantages, returns = jax.lax.cond(
+                _keeps_prefix(checked.mask != 0),
+                functools.partial(solve, prefix=True),
+                functools.partial(solve, prefix=False),
+            )
     return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
 
 

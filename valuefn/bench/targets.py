@@ -1,6 +1,7 @@
 """GAE: valuefn's methods against PyTorch and NumPy loops and rlax.
 
-Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
+Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
+``T / 2`` to ``T`` tokens, right-padded to ``T`` and masked):
 
 - ``gae scan``, ``gae associative``, ``gae auto`` (and ``gae pallas`` on a
   GPU, where its kernels are compiled): :func:`valuefn.gae` jitted,
@@ -8,6 +9,10 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout with a mask):
   iteration per token, eager), or the same loop in NumPy without torch. Their
   floor is the memory bandwidth: rewards, values and mask read and advantages
   and returns written, 4 bytes each.
+- ``gae auto, mask with gaps``: the same with one in ten of the response's
+  steps masked as well (as multi-turn batches mask the turns that are not the
+  policy's), which takes GAE's general masked path, against the same loop
+  (whose work does not depend on the mask).
 - against ``rlax.truncated_generalized_advantage_estimation`` vmapped over the
   batch, on the inputs rlax takes (per-step discounts, no mask), when rlax is
   installed, output for output: ``gae auto advantages, ...`` (the jitted call
@@ -46,6 +51,7 @@ MAP_GPU = tuple(
     (b, t) for b in (1, 16, 256, 4096) for t in (64, 256, 1024, 4096, 16384) if b * t <= 1 << 26
 )
 QUICK_MAP = ((2, 32),)
+GAPS = "gae auto, mask with gaps"
 NO_MASK = "gae auto, per-step discounts, no mask"
 NO_MASK_ADVANTAGES = "gae auto advantages, per-step discounts, no mask"
 # (backend, chunk, rows) of the Pallas kernels swept on a GPU, and the shape
@@ -122,12 +128,21 @@ def torch_gae(torch, rewards, values, bootstrap, mask):
 
 
 def make_inputs(batch: int, horizon: int, seed: int = 0):
+    """Rewards, values, bootstrap values and a right-padding mask: each row keeps
+    its first ``T / 2`` to ``T`` steps."""
     rng = np.random.default_rng(seed)
     rewards = rng.normal(size=(batch, horizon)).astype(np.float32)
     values = rng.normal(size=(batch, horizon)).astype(np.float32)
     bootstrap = rng.normal(size=(batch,)).astype(np.float32)
-    mask = np.ones((batch, horizon), np.float32)
+    lengths = rng.integers(horizon // 2, horizon + 1, size=(batch, 1))
+    mask = (np.arange(horizon) < lengths).astype(np.float32)
     return rewards, values, bootstrap, mask
+
+
+def with_gaps(mask: np.ndarray, seed: int = 1) -> np.ndarray:
+    """``mask`` with one in ten of its steps masked as well, at random."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(mask.shape) < 0.1, 0.0, mask).astype(np.float32)
 
 
 def gae_bytes(batch: int, horizon: int, *, per_step_inputs: int = 3, outputs: int = 2) -> int:
@@ -160,6 +175,8 @@ def compare_shape(
         f"gae {method}": functools.partial(_gae_fn(method), r, v, GAMMA, b, mask=m)
         for method in gae_methods
     }
+    gaps = jnp.asarray(with_gaps(mask))
+    calls[GAPS] = functools.partial(_gae_fn("auto"), r, v, GAMMA, b, mask=gaps)
     if torch is not None:
         torch_args = [torch.from_numpy(x) for x in (rewards, values, bootstrap, mask)]
         calls["torch loop"] = lambda: torch_gae(torch, *torch_args)
@@ -189,7 +206,8 @@ def compare_shape(
     steps = {"work": batch * horizon, "work_unit": "steps"}
     loop = "torch loop" if torch is not None else "numpy loop"
     figures = [timed(f"gae {loop} {shape}", timings[loop], **steps)]
-    compared = [(f"gae {method}", loop, 2) for method in gae_methods]
+    # The loop does the same work whatever the mask holds.
+    compared = [(f"gae {method}", loop, 2) for method in gae_methods] + [(GAPS, loop, 2)]
     if rlax is not None:
         figures.append(timed(f"gae rlax (vmapped) {shape}", timings["rlax"], **steps))
         compared += [(NO_MASK_ADVANTAGES, "rlax", 1), (NO_MASK, "rlax + returns", 2)]
