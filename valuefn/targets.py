@@ -745,11 +745,16 @@ def gae(
             advantages, returns = solve(prefix=False)
         else:
             # A right-padded mask needs no search for the next valid step.
-            advantages, returns = jax.lax.cond(
-                _keeps_prefix(checked.mask != 0),
-                functools.partial(solve, prefix=True),
-                functools.partial(solve, prefix=False),
-            )
+            prefix = _keeps_prefix(checked.mask != 0)
+            known = concrete_or_none(prefix)
+            if known is None:
+                advantages, returns = jax.lax.cond(
+                    prefix,
+                    functools.partial(solve, prefix=True),
+                    functools.partial(solve, prefix=False),
+                )
+            else:  # Called eagerly: a cond would be compiled again at every call.
+                advantages, returns = solve(prefix=bool(known))
     return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
 
 
