@@ -689,6 +689,17 @@ def test_gae_with_a_right_padded_mask_matches_reference(
         np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
 
 
+@pytest.mark.parametrize("truncations", [False, True])
+@pytest.mark.parametrize("name", ["td_targets", "td_errors"])
+def test_td_targets_with_a_right_padded_mask_match_reference(name, truncations):
+    kernel, reference = KERNELS[name]
+    jitted = jax.jit(functools.partial(call, kernel))
+    for seed in range(3):
+        inputs = make_episode((5, 9), seed=seed, masked="prefix", truncations=truncations)
+        inputs["values"] = np.where(inputs["mask"], inputs["values"], np.float32(1e30))
+        np.testing.assert_allclose(jitted(inputs), call(reference, inputs), **TOL)
+
+
 @pytest.mark.parametrize("gap", [False, True])
 def test_right_padding_check_stays_one_branch_under_vmap(gap):
     """vmapped over rows, GAE must still branch on one answer for all of them

@@ -229,6 +229,20 @@ def _keeps_prefix_vmap(axis_size, in_batched, valid):
     return _keeps_prefix(valid), False
 
 
+def _by_mask_layout(checked: _Checked, solve: Callable[[bool], Any]) -> Any:
+    """``solve(prefix)``, with ``prefix`` whether the mask keeps a prefix of each
+    row's steps, so that a right-padded mask needs no search for the next valid
+    step. Traced, a ``lax.cond`` picks the branch; called eagerly, Python does
+    (an eager cond would be compiled again at every call)."""
+    if checked.mask is None:
+        return solve(False)
+    prefix = _keeps_prefix(checked.mask != 0)
+    known = concrete_or_none(prefix)
+    if known is not None:
+        return solve(bool(known))
+    return jax.lax.cond(prefix, functools.partial(solve, True), functools.partial(solve, False))
+
+
 def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
     """``x`` at the step after each t along the last axis, ``last[...]`` past the end.
 
@@ -566,7 +580,11 @@ def td_targets(
       values: ``[..., T]`` predictions ``V(s_t)``.
       discounts: broadcastable to ``[..., T]``; ``gamma_t``, 0 at termination.
       bootstrap_value: ``[...]``, ``V(s_T)``.
-      mask: optional ``[..., T]``, 1 on real steps.
+      mask: optional ``[..., T]``, 1 on real steps. A mask that keeps a prefix of
+        every row's steps (a right-padded batch, the RLHF layout) is found at
+        run time and takes a shorter path than one with gaps: its next valid
+        step is the next step. Under ``jax.vmap`` the check answers for the
+        whole batch.
       truncated: optional ``[..., T]``, 1 where a time limit cut the episode after t.
       final_values: ``[..., T]`` V of the final observation, read where truncated.
       stop_target_gradients: hold the targets constant (the semi-gradient TD rule).
@@ -577,11 +595,13 @@ def td_targets(
     References:
       Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 6.
     """
-    steps = _prepare(
-        _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
-    )
-    targets = steps.rewards + steps.discounts * steps.next_values
-    return _finish(jnp.where(steps.valid, targets, 0.0), stop_target_gradients)
+    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+
+    def solve(prefix: bool) -> Array:
+        steps = _prepare(checked, prefix=prefix)
+        return jnp.where(steps.valid, steps.rewards + steps.discounts * steps.next_values, 0.0)
+
+    return _finish(_by_mask_layout(checked, solve), stop_target_gradients)
 
 
 def td_errors(
@@ -694,11 +714,8 @@ def gae(
         backends) or ``"auto"`` (picked by backend and horizon: ``"scan"`` on a
         CPU and for short horizons, else ``"associative"``). All give the same
         numbers up to float rounding.
-      Other arguments as :func:`td_targets`. A mask that keeps a prefix of every
-        row's steps (a right-padded batch, the RLHF layout) is found at run time
-        and takes a shorter path than one with gaps: its next valid step is the
-        next step (but in ``pallas``'s kernels that read the inputs, which take
-        any mask alike). Under ``jax.vmap`` the check answers for the whole batch.
+      Other arguments as :func:`td_targets` (``pallas``'s kernels that read the
+        inputs take a right-padded mask and one with gaps alike).
 
     Returns:
       ``(advantages, returns)``, both float32 ``[..., T]`` and 0 on masked steps;
@@ -741,20 +758,7 @@ def gae(
             advantages = _advantages(steps, lam, method)
             return advantages, advantages + steps.values  # both 0 on masked steps
 
-        if checked.mask is None:
-            advantages, returns = solve(prefix=False)
-        else:
-            # A right-padded mask needs no search for the next valid step.
-            prefix = _keeps_prefix(checked.mask != 0)
-            known = concrete_or_none(prefix)
-            if known is None:
-                advantages, returns = jax.lax.cond(
-                    prefix,
-                    functools.partial(solve, prefix=True),
-                    functools.partial(solve, prefix=False),
-                )
-            else:  # Called eagerly: a cond would be compiled again at every call.
-                advantages, returns = solve(prefix=bool(known))
+        advantages, returns = _by_mask_layout(checked, solve)
     return _finish(advantages, stop_target_gradients), _finish(returns, stop_target_gradients)
 
 
