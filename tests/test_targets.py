@@ -690,8 +690,8 @@ def test_gae_with_a_right_padded_mask_matches_reference(
 
 
 @pytest.mark.parametrize("truncations", [False, True])
-@pytest.mark.parametrize("name", ["td_targets", "td_errors"])
-def test_td_targets_with_a_right_padded_mask_match_reference(name, truncations):
+@pytest.mark.parametrize("name", ["td_targets", "td_errors", "n_step_targets"])
+def test_td_and_n_step_targets_with_a_right_padded_mask_match_reference(name, truncations):
     kernel, reference = KERNELS[name]
     jitted = jax.jit(functools.partial(call, kernel))
     for seed in range(3):

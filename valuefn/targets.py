@@ -166,10 +166,7 @@ def _prepare(
     if valid is None:
         next_values = _at_next(values, bootstrap_value, None)
     elif prefix:
-        # After the last valid step come masked steps only: it bootstraps.
-        next_values = _shift_left(
-            jnp.where(valid, values, bootstrap_value[..., None]), bootstrap_value
-        )
+        next_values = _at_next_in_prefix(values, valid, bootstrap_value)
         masked = False
     elif resolve_next and solve is not None:
         next_values = _next_valid_values(values, bootstrap_value, valid, solve)
@@ -253,6 +250,12 @@ def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
         return _shift_left(x, last)
     extended = jnp.concatenate([x, last[..., None]], axis=-1)
     return jnp.take_along_axis(extended, next_index, axis=-1)
+
+
+def _at_next_in_prefix(x: Array, valid: Array, last: Array) -> Array:
+    """``x`` at the next valid step where the valid steps are a prefix of each
+    row: the next step, or ``last[...]`` after the last valid one."""
+    return _shift_left(jnp.where(valid, x, last[..., None]), last)
 
 
 def _next_valid_values(
@@ -670,18 +673,24 @@ def n_step_targets(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a Python int >= 1, got {n!r}")
-    steps = _prepare(
-        _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
-    )
-    horizon = steps.rewards.shape[-1]
-    one_step = steps.rewards + steps.discounts * steps.next_values
+    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
 
-    def body(_, returns):
-        next_returns = _at_next(returns, steps.bootstrap_value, steps.next_index)
-        return one_step + steps.chain * (next_returns - steps.next_values)
+    def solve(prefix: bool) -> Array:
+        steps = _prepare(checked, prefix=prefix)
+        one_step = steps.rewards + steps.discounts * steps.next_values
 
-    targets = jax.lax.fori_loop(0, min(int(n), horizon), body, steps.values)
-    return _finish(jnp.where(steps.valid, targets, 0.0), stop_target_gradients)
+        def body(_, returns):
+            if prefix:
+                next_returns = _at_next_in_prefix(returns, steps.valid, steps.bootstrap_value)
+            else:
+                next_returns = _at_next(returns, steps.bootstrap_value, steps.next_index)
+            return one_step + steps.chain * (next_returns - steps.next_values)
+
+        horizon = steps.rewards.shape[-1]
+        targets = jax.lax.fori_loop(0, min(int(n), horizon), body, steps.values)
+        return jnp.where(steps.valid, targets, 0.0)
+
+    return _finish(_by_mask_layout(checked, solve), stop_target_gradients)
 
 
 def gae(
