@@ -7,11 +7,8 @@ time-major, a dozen passes over ``[B, T]`` arrays where GAE needs five (three
 read, two written).
 
 The state walked back in time is ``(A, V)``: the advantage and the value at the
-next valid step, ``(0, bootstrap)`` past the end. A valid step maps it to
-``(r - v + gamma (V + lambda A), v)``, or to ``(r - v + gamma V_final, v)``
-where a time limit cut the episode after it; a masked step passes it through.
-Each step is the map ``(A, V) -> (a A + b V + e, d V + f)``, and two such maps
-compose into one of the same form, so:
+next valid step. Each step is a map ``(A, V) -> (a A + b V + e, d V + f)``, and
+two such maps compose into one of the same form (:mod:`valuefn._gae_maps`), so:
 
 1. one kernel composes each chunk of ``chunk`` steps into one map;
 2. one kernel walks the chunk maps of each block of rows back from the end,
@@ -37,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from valuefn._gae_maps import apply, compose, step_map, walk, where
 from valuefn._pallas_scan import compiler_params
 
 Array = jax.Array
@@ -47,34 +45,6 @@ CHUNK = 64
 ROWS = 32
 # Chunk maps a program of the second kernel walks unrolled.
 UNROLL = 16
-
-
-def _where(valid, x, y):
-    """``jnp.where`` that folds when ``valid`` is the constant True (no mask)."""
-    return x if valid is True else jnp.where(valid, x, y)
-
-
-def _step_map(valid, gain, value, chain, lam):
-    """Step t as ``(a, b, e, d, f)``: ``(A, V) -> (a A + b V + e, d V + f)``."""
-    return (
-        _where(valid, lam * chain, 1.0),
-        _where(valid, chain, 0.0),
-        _where(valid, gain, 0.0),
-        _where(valid, 0.0, 1.0),
-        _where(valid, value, 0.0),
-    )
-
-
-def _compose(earlier, later):
-    """The map that applies ``later``, then ``earlier``."""
-    a0, b0, e0, d0, f0 = earlier
-    a1, b1, e1, d1, f1 = later
-    return a0 * a1, a0 * b1 + b0 * d1, a0 * e1 + b0 * f1 + e0, d0 * d1, d0 * f1 + f0
-
-
-def _apply(step, advantage, value):
-    a, b, e, d, f = step
-    return a * advantage + b * value + e, d * value + f
 
 
 def _inputs_at(steps: dict, t: int):
@@ -118,9 +88,9 @@ def _compose_kernel(*refs, names: tuple[str, ...]):
     """One chunk's map from its steps' maps, written to column 0 of the outputs."""
     steps, _, outs = _split_refs(refs, names, 0)
     rows, chunk = steps["rewards"].shape
-    whole = _step_map(*_inputs_at(steps, chunk - 1))
+    whole = step_map(*_inputs_at(steps, chunk - 1))
     for t in range(chunk - 2, -1, -1):
-        whole = _compose(_step_map(*_inputs_at(steps, t)), whole)
+        whole = compose(step_map(*_inputs_at(steps, t)), whole)
     for out, coefficient in zip(outs, whole, strict=True):
         out[:, 0] = jnp.broadcast_to(coefficient, (rows,)).astype(jnp.float32)
 
@@ -134,19 +104,19 @@ def _entering_kernel(a, b, e, d, f, bootstrap, advantage_ref, value_ref):
     """
     chunks = a.shape[1]
 
-    def walk(k, state):
+    def walk_map(k, state):
         advantage_ref[:, k], value_ref[:, k] = state
-        return _apply(tuple(ref[:, k] for ref in (a, b, e, d, f)), *state)
+        return apply(tuple(ref[:, k] for ref in (a, b, e, d, f)), state)
 
     groups, rest = divmod(chunks, UNROLL)
     state = (jnp.zeros(bootstrap.shape[:1], jnp.float32), bootstrap[:, 0])
     for k in range(chunks - 1, chunks - 1 - rest, -1):
-        state = walk(k, state)
+        state = walk_map(k, state)
 
     def group(i, state):
         last = (groups - i) * UNROLL - 1
         for j in range(UNROLL):
-            state = walk(last - j, state)
+            state = walk_map(last - j, state)
         return state
 
     jax.lax.fori_loop(0, groups, group, state)
@@ -155,14 +125,12 @@ def _entering_kernel(a, b, e, d, f, bootstrap, advantage_ref, value_ref):
 def _walk_kernel(*refs, names: tuple[str, ...]):
     """One chunk's advantages and returns from the state entering it."""
     steps, (advantage_in, value_in), (advantages, returns) = _split_refs(refs, names, 2)
-    advantage_next, value_next = advantage_in[:, 0], value_in[:, 0]
+    state = (advantage_in[:, 0], value_in[:, 0])
     for t in range(steps["rewards"].shape[1] - 1, -1, -1):
         valid, gain, value, chain, lam = _inputs_at(steps, t)
-        advantage = gain + chain * (value_next + lam * advantage_next)
-        advantages[:, t] = _where(valid, advantage, 0.0)
-        returns[:, t] = _where(valid, advantage + value, 0.0)
-        advantage_next = _where(valid, advantage, advantage_next)
-        value_next = _where(valid, value, value_next)
+        advantage, state = walk(valid, gain, value, chain, lam, state)
+        advantages[:, t] = where(valid, advantage, 0.0)
+        returns[:, t] = where(valid, advantage + value, 0.0)
 
 
 def block_rows(shape: tuple[int, ...], *, chunk: int = CHUNK, rows: int = ROWS) -> int | None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuefn import _pallas_gae
+from valuefn import _gae_maps, _pallas_gae
 from valuefn._checks import as_real, check_broadcastable, check_shape, concrete_or_none
 from valuefn._pallas_scan import reverse_linear_pallas
 
@@ -493,16 +493,10 @@ def _constant_in_time(x: Array, shape: tuple[int, ...]) -> Array | None:
 
 
 def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
-    """GAE under a mask by a blocked scan that also carries the next valid value.
-
-    The state is ``(A, V)``: the advantage and value at the next valid step. A
-    valid step maps it to ``(r - V_t + b V + a A, V_t)`` with ``a = lambda
-    gamma_t`` and ``b = gamma_t``, both 0 at a truncation, where the final value
-    enters through ``r``; a masked step passes it through. Each map is
-    ``(A, V) -> (a A + b V + e, d V + f)``, and two compose into one of the same
-    form. This replaces the ``cummin`` and gather of the next valid index, which
-    on XLA:CPU cost more than the recursion itself.
-    """
+    """GAE under a mask by a blocked scan of the maps of :mod:`valuefn._gae_maps`,
+    which also carry the value at the next valid step. This replaces the
+    ``cummin`` and gather of the next valid index, which on XLA:CPU cost more
+    than the recursion itself."""
     shape = steps.rewards.shape
     gain = steps.rewards - steps.values  # both 0 on masked steps
     if steps.cut is not None:
@@ -510,31 +504,23 @@ def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
     lam_now = _constant_in_time(lam, shape)
     lam = jnp.broadcast_to(lam, shape) if lam_now is None else lam_now
 
-    def step(valid, gain, value, chain, lam):
-        # chain is 0 on masked steps and at truncations.
-        return jnp.where(valid, lam * chain, 1.0), chain, gain, jnp.where(valid, 0.0, 1.0), value
-
-    def compose(earlier, later):
-        a0, b0, e0, d0, f0 = earlier
-        a1, b1, e1, d1, f1 = later
-        return a0 * a1, a0 * b1 + b0 * d1, a0 * e1 + b0 * f1 + e0, d0 * d1, d0 * f1 + f0
-
-    def apply(step, state):
-        a, b, e, d, f = step
-        advantage, value = state
-        return a * advantage + b * value + e, d * value + f
-
     def walk(inputs, state):
-        valid, gain, value, chain, lam = inputs
-        advantage_next, value_next = state
-        advantage = gain + chain * (value_next + lam * advantage_next)
-        state = (jnp.where(valid, advantage, advantage_next), jnp.where(valid, value, value_next))
+        valid = inputs[0]
+        advantage, state = _gae_maps.walk(*inputs, state)
         return state, jnp.where(valid, advantage, 0.0)
 
+    # chain is 0 on masked steps and at truncations.
     inputs = (steps.valid, gain, steps.values, steps.chain, lam)
     init = (jnp.zeros(shape[:-1], jnp.float32), steps.bootstrap_value)
     return _reverse_blocked_scan(
-        inputs, step, compose, apply, walk, init, shape, _MASKED_SCAN_BLOCK
+        inputs,
+        _gae_maps.step_map,
+        _gae_maps.compose,
+        _gae_maps.apply,
+        walk,
+        init,
+        shape,
+        _MASKED_SCAN_BLOCK,
     )
 
 
