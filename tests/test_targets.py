@@ -91,6 +91,13 @@ def call(kernel, inputs, *args, **kwargs):
     return kernel(*positional, *args, **options, **kwargs)
 
 
+def assert_gae_matches_reference(got, inputs, lambda_):
+    """``got = (advantages, returns)`` against the references at ``lambda_``."""
+    expected = call(ref.gae_advantages, inputs, lambda_), call(ref.lambda_returns, inputs, lambda_)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, **TOL)
+
+
 def without_values(kernel):
     """Adapts ``discounted_returns`` to the argument order of the other kernels."""
 
@@ -178,9 +185,7 @@ def test_lambda_returns_match_reference(inputs, lambda_, method):
 @PROPERTY_SETTINGS
 @GIVEN_LAMBDA_AND_METHOD
 def test_gae_matches_reference(inputs, lambda_, method):
-    advantages, returns = call(vf.gae, inputs, lambda_, method=method)
-    np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lambda_), **TOL)
-    np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lambda_), **TOL)
+    assert_gae_matches_reference(call(vf.gae, inputs, lambda_, method=method), inputs, lambda_)
 
 
 @PROPERTY_SETTINGS
@@ -371,14 +376,11 @@ def test_fused_pallas_gae_takes_any_flag_dtype_and_lambda_in_time(small_fused_pa
     inputs = make_episode((4, 8), seed=3)
     size = (4, 1) if lambdas == "per row" else (4, 8)
     lam = np.random.default_rng(3).uniform(0.5, 1.0, size=size).astype(np.float32)
-    expected = call(ref.gae_advantages, inputs, lam), call(ref.lambda_returns, inputs, lam)
     for dtype in (bool, np.float32, np.int32):
         flags = {key: inputs[key].astype(dtype) for key in ("mask", "truncated")}
         case = {**inputs, **flags}
         assert pallas_calls(lambda c=case: call(vf.gae, c, lam, method="pallas"))[1]
-        got = call(vf.gae, case, lam, method="pallas")
-        for g, e in zip(got, expected, strict=True):
-            np.testing.assert_allclose(g, e, **TOL)
+        assert_gae_matches_reference(call(vf.gae, case, lam, method="pallas"), inputs, lam)
 
 
 def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
@@ -386,9 +388,7 @@ def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
     # passes, with the reference's numbers.
     inputs = make_episode((4, 6), seed=4)
     assert not pallas_calls(lambda: call(vf.gae, inputs, 0.8, method="pallas"))[1]
-    expected = call(ref.gae_advantages, inputs, 0.8), call(ref.lambda_returns, inputs, 0.8)
-    for got, e in zip(call(vf.gae, inputs, 0.8, method="pallas"), expected, strict=True):
-        np.testing.assert_allclose(got, e, **TOL)
+    assert_gae_matches_reference(call(vf.gae, inputs, 0.8, method="pallas"), inputs, 0.8)
 
 
 def test_fused_pallas_gae_ignores_final_values_without_truncations(small_fused_pallas):
@@ -409,10 +409,7 @@ def test_fused_pallas_gae_vmaps(small_fused_pallas):
 
     args = (*positional, options["mask"])
     assert pallas_calls(jax.vmap(gae), *args)[1]
-    got = jax.vmap(gae)(*args)
-    expected = call(ref.gae_advantages, inputs, 0.8), call(ref.lambda_returns, inputs, 0.8)
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, **TOL)
+    assert_gae_matches_reference(jax.vmap(gae)(*args), inputs, 0.8)
 
 
 def test_fused_pallas_gae_differentiates(small_fused_pallas):
@@ -609,9 +606,7 @@ def test_gae_with_discount_and_lambda_constant_in_time_matches_reference(method)
             case = {**inputs, "discounts": discounts}
             full = {**inputs, "discounts": np.broadcast_to(discounts, (3, 7))}
             lam = np.broadcast_to(lambda_, (3, 7))
-            advantages, returns = call(vf.gae, case, lambda_, method=method)
-            np.testing.assert_allclose(advantages, call(ref.gae_advantages, full, lam), **TOL)
-            np.testing.assert_allclose(returns, call(ref.lambda_returns, full, lam), **TOL)
+            assert_gae_matches_reference(call(vf.gae, case, lambda_, method=method), full, lam)
 
 
 # Horizons across the scan's blocks of steps (valuefn.targets._SCAN_BLOCK = 8 without
@@ -634,10 +629,8 @@ def test_gae_over_several_blocks_matches_reference(shape, options):
     for seed in range(3):
         inputs = make_episode(shape, seed=seed, **options)
         for lambda_ in (np.float32(0.9), rng.uniform(size=shape).astype(np.float32)):
-            advantages, returns = kernel(inputs, lambda_=lambda_)
             lam = np.broadcast_to(lambda_, shape)
-            np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lam), **TOL)
-            np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
+            assert_gae_matches_reference(kernel(inputs, lambda_=lambda_), inputs, lam)
 
 
 # A right-padded mask (each row keeps a prefix of its steps) takes a shorter path,
@@ -684,9 +677,7 @@ def test_gae_with_a_right_padded_mask_matches_reference(
         )
         # Junk on the padding must change nothing.
         inputs["values"] = np.where(inputs["mask"], inputs["values"], np.float32(1e30))
-        advantages, returns = kernel(inputs, lambda_=lambda_)
-        np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lam), **TOL)
-        np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
+        assert_gae_matches_reference(kernel(inputs, lambda_=lambda_), inputs, lam)
 
 
 @pytest.mark.parametrize("truncations", [False, True])
@@ -719,10 +710,8 @@ def test_right_padding_check_stays_one_branch_under_vmap(gap):
     mapped = jax.vmap(row)
     jaxpr = str(jax.make_jaxpr(mapped)(*positional, *options.values()))
     assert " cond[" in jaxpr
-    advantages, returns = mapped(*positional, *options.values())
     lam = np.full((4, 9), 0.8, np.float32)
-    np.testing.assert_allclose(advantages, call(ref.gae_advantages, inputs, lam), **TOL)
-    np.testing.assert_allclose(returns, call(ref.lambda_returns, inputs, lam), **TOL)
+    assert_gae_matches_reference(mapped(*positional, *options.values()), inputs, lam)
 
 
 def test_discounts_are_gamma_except_at_terminations():
