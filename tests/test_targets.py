@@ -714,6 +714,25 @@ def test_right_padding_check_stays_one_branch_under_vmap(gap):
     assert_gae_matches_reference(mapped(*positional, *options.values()), inputs, lam)
 
 
+@pytest.mark.parametrize("method", ["scan", "associative"])
+def test_mask_with_gaps_and_lambda_constant_in_time_needs_no_next_valid_step(method):
+    """With lambda constant in time, GAE under a mask with gaps is one recursion of
+    the lambda-returns' mixture: no search for the next valid step (a ``cummin``)
+    and no gather of it. With lambda varying in time ``associative`` still needs
+    both, and the numbers match the reference either way."""
+    inputs = make_episode((3, 21), seed=9)
+    assert not np.all(inputs["mask"][:, 1:] <= inputs["mask"][:, :-1])  # a gap
+    positional, options = split(inputs)
+    per_step = np.random.default_rng(9).uniform(size=(3, 21)).astype(np.float32)
+    for lambda_, searches in ((np.float32(0.8), False), (per_step, method == "associative")):
+        gae = jax.jit(functools.partial(vf.gae, lambda_=lambda_, method=method))
+        jaxpr = str(jax.make_jaxpr(gae)(*positional, **options))
+        assert ("cummin" in jaxpr) == searches
+        assert ("gather" in jaxpr) == searches
+        lam = np.broadcast_to(lambda_, (3, 21))
+        assert_gae_matches_reference(gae(*positional, **options), inputs, lam)
+
+
 def test_discounts_are_gamma_except_at_terminations():
     terminated = np.array([[False, True, False], [True, False, False]])
     out = vf.discounts(0.9, terminated)

@@ -524,6 +524,13 @@ def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
     )
 
 
+_SOLVERS = {
+    "scan": _reverse_linear_scan,
+    "associative": _reverse_linear_associative,
+    "pallas": _reverse_linear_pallas,
+}
+
+
 def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
     """GAE advantages with masked steps passed through (delta 0, coefficient 1)."""
     if steps.next_values is None:
@@ -536,12 +543,37 @@ def _advantages(steps: _Steps, lam: Array, method: str) -> Array:
         coeffs = _constant_in_time(lam * steps.gamma, deltas.shape)
     if coeffs is None:
         coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
-    solve = {
-        "scan": _reverse_linear_scan,
-        "associative": _reverse_linear_associative,
-        "pallas": _reverse_linear_pallas,
-    }[method]
-    return jnp.where(steps.valid, solve(deltas, coeffs), 0.0)
+    return jnp.where(steps.valid, _SOLVERS[method](deltas, coeffs), 0.0)
+
+
+def _masked_gae_by_returns(steps: _Steps, lam: Array, method: str) -> tuple[Array, Array]:
+    """GAE under a mask, with ``lam`` (``[...]``) constant in time, by one linear
+    recursion of two coefficients, as without a mask.
+
+    The lambda-return of a valid step t, ``R_t = A_t + V_t``, is
+    ``r_t + c_t ((1 - lambda) V_n + lambda R_n)`` with ``n`` the next valid step and
+    ``c_t`` the discount into it (0 at a termination or truncation, where the final
+    value enters through ``r_t``). The mixture ``G_t = (1 - lambda) V_t + lambda R_t``
+    is passed back through masked steps:
+    ``G_t = (1 - lambda) V_t + lambda r_t + lambda c_t G_{t+1}`` on a valid step,
+    ``G_{t+1}`` on a masked one, and ``G_T`` is the bootstrap value. Then
+    ``R_t = r_t + c_t G_{t+1}`` and ``A_t = R_t - V_t``. Neither the next valid value
+    nor its index is needed, where the advantages' own recursion needs one of them
+    (``_masked_gae_scan`` carries it through maps of five coefficients).
+    """
+    shape = steps.rewards.shape
+    gain = steps.rewards  # 0 on masked steps, like values and chain
+    if steps.cut is not None:
+        gain = gain + jnp.where(steps.cut, steps.discounts * steps.final_values, 0.0)
+    lam = lam[..., None]
+    coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
+    deltas = (1.0 - lam) * steps.values + lam * gain
+    at_end = jnp.arange(shape[-1]) == shape[-1] - 1
+    deltas = deltas + jnp.where(at_end, coeffs * steps.bootstrap_value[..., None], 0.0)
+    mixed = _SOLVERS[method](deltas, coeffs)
+    returns = gain + steps.chain * _shift_left(mixed, steps.bootstrap_value)
+    returns = jnp.where(steps.valid, returns, 0.0)
+    return jnp.where(steps.valid, returns - steps.values, 0.0), returns
 
 
 def _finish(x: Array, stop_target_gradients: bool) -> Array:
@@ -740,13 +772,20 @@ def gae(
             checked.truncated,
         )
     else:
+        lam_now = _constant_in_time(lam, checked.rewards.shape)
 
         def solve(prefix: bool) -> tuple[Array, Array]:
+            if checked.mask is not None and not prefix and lam_now is not None:
+                # A mask with gaps: one recursion of the lambda-returns' mixture.
+                return _masked_gae_by_returns(
+                    _prepare(checked, resolve_next=False), lam_now, method
+                )
             steps = _prepare(
                 checked,
                 resolve_next=method != "scan",
-                # With a mask, pallas finds the next valid values by its own kernels
-                # instead of an index lookup (a cummin and a gather).
+                # With a mask with gaps and lambda varying in time, pallas finds the next
+                # valid values by its own kernels instead of an index lookup (a cummin
+                # and a gather).
                 solve=_reverse_linear_pallas if method == "pallas" else None,
                 prefix=prefix,
             )
