@@ -680,13 +680,16 @@ def test_gae_with_a_right_padded_mask_matches_reference(
         assert_gae_matches_reference(kernel(inputs, lambda_=lambda_), inputs, lam)
 
 
+@pytest.mark.parametrize("masked", ["prefix", True], ids=["right-padded", "gaps"])
 @pytest.mark.parametrize("truncations", [False, True])
 @pytest.mark.parametrize("name", ["td_targets", "td_errors", "n_step_targets"])
-def test_td_and_n_step_targets_with_a_right_padded_mask_match_reference(name, truncations):
+def test_td_and_n_step_targets_under_a_mask_match_reference(name, truncations, masked):
+    """Jitted, over several of the blocked scan's blocks (which finds the next valid
+    values under a mask with gaps on the CPU), with junk on the masked steps."""
     kernel, reference = KERNELS[name]
     jitted = jax.jit(functools.partial(call, kernel))
-    for seed in range(3):
-        inputs = make_episode((5, 9), seed=seed, masked="prefix", truncations=truncations)
+    for seed, shape in enumerate([(5, 9), (2, 3, 21), (2, 64)]):
+        inputs = make_episode(shape, seed=seed, masked=masked, truncations=truncations)
         inputs["values"] = np.where(inputs["mask"], inputs["values"], np.float32(1e30))
         np.testing.assert_allclose(jitted(inputs), call(reference, inputs), **TOL)
 
