@@ -817,9 +817,11 @@ def test_unstopped_derivative_is_the_reference_linear_map(name):
 
 
 # Right-padded masks take a path of their own (tested with the scan only: pallas
-# off its fused kernels shares it).
+# off its fused kernels shares it); a mask with gaps with lambda constant in time
+# takes the lambda-returns' recursion with each method's solver.
 @pytest.mark.parametrize(
-    ("method", "masked"), [("scan", True), ("pallas", True), ("scan", "prefix")]
+    ("method", "masked"),
+    [("scan", True), ("associative", True), ("pallas", True), ("scan", "prefix")],
 )
 @pytest.mark.parametrize("name", ["gae_advantages", "gae_returns", "discounted_returns"])
 def test_unstopped_derivatives_over_several_blocks(name, method, masked):
