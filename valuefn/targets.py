@@ -148,8 +148,9 @@ def _prepare(
     """Aligns the checked inputs.
 
     With a mask and ``resolve_next=False`` the next valid step is not looked up:
-    ``next_values`` and ``next_index`` are None and a caller that walks the steps
-    in reverse (``_masked_gae_scan``) carries the next valid value itself. With
+    ``next_values`` and ``next_index`` are None, and the caller carries the next
+    valid value itself (``_masked_gae_scan``) or needs none
+    (``_masked_gae_by_returns``). With
     ``solve``, a solver of the reverse linear recursion, the next valid value
     comes from that recursion and ``next_index`` is None. With ``prefix`` the
     caller has checked that the mask keeps a prefix of each row's steps
