@@ -11,7 +11,8 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
   and returns written, 4 bytes each.
 - ``gae auto, mask with gaps``: the same with one in ten of the response's
   steps masked as well (as multi-turn batches mask the turns that are not the
-  policy's), which takes GAE's general masked path, against the same loop
+  policy's), which takes GAE's path for a mask with gaps (one recursion of
+  the lambda-returns' mixture), against the same loop
   (whose work does not depend on the mask).
 - against ``rlax.truncated_generalized_advantage_estimation`` vmapped over the
   batch, on the inputs rlax takes (per-step discounts, no mask), when rlax is
