@@ -874,6 +874,32 @@ def test_pallas_derivatives_in_lambda_and_discounts_match_scan():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_derivative_in_a_scalar_lambda_under_a_mask_with_gaps_matches_reference(method):
+    """A meta-gradient in a lambda constant in time, under a mask with gaps, is the
+    central difference of the NumPy references in lambda."""
+    inputs = make_episode((3, 21), seed=10)
+    assert not np.all(inputs["mask"][:, 1:] <= inputs["mask"][:, :-1])  # a gap
+    weights = np.random.default_rng(10).normal(size=(2, 3, 21)).astype(np.float32)
+
+    def reference_total(lambda_):
+        lam = np.full((3, 21), lambda_, np.float64)
+        advantages = call(ref.gae_advantages, inputs, lam).astype(np.float64)
+        returns = call(ref.lambda_returns, inputs, lam).astype(np.float64)
+        return np.sum(weights[0] * advantages) + np.sum(weights[1] * returns)
+
+    def kernel_total(lambda_):
+        advantages, returns = call(
+            vf.gae, inputs, lambda_, method=method, stop_target_gradients=False
+        )
+        return jnp.sum(weights[0] * advantages) + jnp.sum(weights[1] * returns)
+
+    step = 1e-2
+    expected = (reference_total(0.7 + step) - reference_total(0.7 - step)) / (2 * step)
+    assert abs(expected) > 0.1
+    np.testing.assert_allclose(jax.grad(kernel_total)(jnp.float32(0.7)), expected, rtol=2e-3)
+
+
 def test_td_error_gradient_flows_into_values_only():
     inputs = make_episode((3, 6), seed=3)
     d_rewards, d_values, d_bootstrap = _grads(vf.td_errors, inputs)
