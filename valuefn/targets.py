@@ -265,9 +265,18 @@ def _next_valid_values(
     """``values`` at the next valid step after each t, ``bootstrap_value`` past the
     last: ``y[t + 1]`` for ``y_t = V_t`` on valid steps and ``y_{t+1}`` on masked
     ones, ``y_T = bootstrap_value``, a reverse linear recursion."""
-    at_end = jnp.arange(values.shape[-1]) == values.shape[-1] - 1
-    deltas = jnp.where(valid, values, jnp.where(at_end, bootstrap_value[..., None], 0.0))
-    return _shift_left(solve(deltas, jnp.where(valid, 0.0, 1.0)), bootstrap_value)
+    coeffs = jnp.where(valid, 0.0, 1.0)
+    return _next_of_recursion(solve, jnp.where(valid, values, 0.0), coeffs, bootstrap_value)
+
+
+def _next_of_recursion(
+    solve: Callable[[Array, Array], Array], deltas: Array, coeffs: Array, last: Array
+) -> Array:
+    """``x_{t+1}`` along the last axis, where ``x_t = deltas_t + coeffs_t x_{t+1}``
+    and ``x_T = last[...]``, with ``solve`` a solver of that recursion from 0."""
+    at_end = jnp.arange(deltas.shape[-1]) == deltas.shape[-1] - 1
+    deltas = deltas + jnp.where(at_end, coeffs * last[..., None], 0.0)
+    return _shift_left(solve(deltas, coeffs), last)
 
 
 def _shift_left(x: Array, last: Array) -> Array:
@@ -562,17 +571,14 @@ def _masked_gae_by_returns(steps: _Steps, lam: Array, method: str) -> tuple[Arra
     nor its index is needed, where the advantages' own recursion needs one of them
     (``_masked_gae_scan`` carries it through maps of five coefficients).
     """
-    shape = steps.rewards.shape
     gain = steps.rewards  # 0 on masked steps, like values and chain
     if steps.cut is not None:
         gain = gain + jnp.where(steps.cut, steps.discounts * steps.final_values, 0.0)
     lam = lam[..., None]
     coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
     deltas = (1.0 - lam) * steps.values + lam * gain
-    at_end = jnp.arange(shape[-1]) == shape[-1] - 1
-    deltas = deltas + jnp.where(at_end, coeffs * steps.bootstrap_value[..., None], 0.0)
-    mixed = _SOLVERS[method](deltas, coeffs)
-    returns = gain + steps.chain * _shift_left(mixed, steps.bootstrap_value)
+    mixed_next = _next_of_recursion(_SOLVERS[method], deltas, coeffs, steps.bootstrap_value)
+    returns = gain + steps.chain * mixed_next
     returns = jnp.where(steps.valid, returns, 0.0)
     return jnp.where(steps.valid, returns - steps.values, 0.0), returns
 
