@@ -142,7 +142,7 @@ def _prepare(
     checked: _Checked,
     *,
     resolve_next: bool = True,
-    solve: Callable[[Array, Array], Array] | None = None,
+    next_by: str | None = None,
     prefix: bool = False,
 ) -> _Steps:
     """Aligns the checked inputs.
@@ -151,8 +151,8 @@ def _prepare(
     ``next_values`` and ``next_index`` are None, and the caller carries the next
     valid value itself (``_masked_gae_scan``) or needs none
     (``_masked_gae_by_returns``). With
-    ``solve``, a solver of the reverse linear recursion, the next valid value
-    comes from that recursion and ``next_index`` is None. With ``prefix`` the
+    ``next_by``, a method, the next valid value comes from a reverse linear
+    recursion solved by that method and ``next_index`` is None. With ``prefix`` the
     caller has checked that the mask keeps a prefix of each row's steps
     (:func:`_keeps_prefix`): the next valid step is the next step or none.
     """
@@ -169,8 +169,8 @@ def _prepare(
     elif prefix:
         next_values = _at_next_in_prefix(values, valid, bootstrap_value)
         masked = False
-    elif resolve_next and solve is not None:
-        next_values = _next_valid_values(values, bootstrap_value, valid, solve)
+    elif resolve_next and next_by is not None:
+        next_values = _next_valid_values(values, bootstrap_value, valid, next_by)
     elif resolve_next:
         steps = jnp.arange(shape[-1], dtype=jnp.int32)
         index = jnp.where(valid, steps, shape[-1])
@@ -259,24 +259,49 @@ def _at_next_in_prefix(x: Array, valid: Array, last: Array) -> Array:
     return _shift_left(jnp.where(valid, x, last[..., None]), last)
 
 
-def _next_valid_values(
-    values: Array, bootstrap_value: Array, valid: Array, solve: Callable[[Array, Array], Array]
-) -> Array:
+def _next_valid_values(values: Array, bootstrap_value: Array, valid: Array, method: str) -> Array:
     """``values`` at the next valid step after each t, ``bootstrap_value`` past the
     last: ``y[t + 1]`` for ``y_t = V_t`` on valid steps and ``y_{t+1}`` on masked
     ones, ``y_T = bootstrap_value``, a reverse linear recursion."""
     coeffs = jnp.where(valid, 0.0, 1.0)
-    return _next_of_recursion(solve, jnp.where(valid, values, 0.0), coeffs, bootstrap_value)
+    return _next_of_recursion(method, jnp.where(valid, values, 0.0), coeffs, bootstrap_value)
 
 
 def _next_of_recursion(
-    solve: Callable[[Array, Array], Array], deltas: Array, coeffs: Array, last: Array
+    method: str,
+    deltas: Array,
+    coeffs: Array,
+    last: Array,
+    read: Callable[..., Array] = lambda x: x,
+    extra: tuple[Array, ...] = (),
 ) -> Array:
-    """``x_{t+1}`` along the last axis, where ``x_t = deltas_t + coeffs_t x_{t+1}``
-    and ``x_T = last[...]``, with ``solve`` a solver of that recursion from 0."""
+    """``read(*extra at t, x_{t+1})`` along the last axis, where
+    ``x_t = deltas_t + coeffs_t x_{t+1}`` and ``x_T = last[...]``, solved by
+    ``method``; ``extra`` are ``[..., T]`` arrays.
+
+    The blocked scan reads ``x_{t+1}`` in its walk, as the state entering step t;
+    the other solvers solve from 0 with ``last`` entered at the last step, and
+    the solution is shifted by one step.
+    """
+    if method == "scan":
+
+        def walk(inputs, x):
+            delta, coeff, *at_t = inputs
+            return delta + coeff * x, read(*at_t, x)
+
+        return _reverse_blocked_scan(
+            (deltas, coeffs, *extra),
+            lambda delta, coeff, *_: (delta, coeff),
+            _compose_linear,
+            _apply_linear,
+            walk,
+            last,
+            deltas.shape,
+            _SCAN_BLOCK,
+        )
     at_end = jnp.arange(deltas.shape[-1]) == deltas.shape[-1] - 1
     deltas = deltas + jnp.where(at_end, coeffs * last[..., None], 0.0)
-    return _shift_left(solve(deltas, coeffs), last)
+    return read(*extra, _shift_left(_SOLVERS[method](deltas, coeffs), last))
 
 
 def _shift_left(x: Array, last: Array) -> Array:
@@ -390,6 +415,11 @@ def _reverse_blocked_scan(
     return out[..., pad:]
 
 
+def _apply_linear(step: tuple[Array, Array], x: Array) -> Array:
+    """The map ``x -> delta + coeff * x`` of ``step = (delta, coeff)``, applied."""
+    return step[0] + step[1] * x
+
+
 def _reverse_linear_scan(deltas: Array, coeffs: Array) -> Array:
     """Solves ``x_t = deltas_t + coeffs_t * x_{t+1}``, ``x_T = 0``, by a blocked scan.
 
@@ -398,11 +428,8 @@ def _reverse_linear_scan(deltas: Array, coeffs: Array) -> Array:
     which stays out of the scanned inputs.
     """
 
-    def apply(step, x):
-        return step[0] + step[1] * x
-
     def walk(step, x):
-        x = apply(step, x)
+        x = _apply_linear(step, x)
         return x, x
 
     init = jnp.zeros(deltas.shape[:-1], deltas.dtype)
@@ -410,7 +437,7 @@ def _reverse_linear_scan(deltas: Array, coeffs: Array) -> Array:
         (deltas, coeffs),
         lambda *m: m,
         _compose_linear,
-        apply,
+        _apply_linear,
         walk,
         init,
         deltas.shape,
@@ -577,8 +604,14 @@ def _masked_gae_by_returns(steps: _Steps, lam: Array, method: str) -> tuple[Arra
     lam = lam[..., None]
     coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
     deltas = (1.0 - lam) * steps.values + lam * gain
-    mixed_next = _next_of_recursion(_SOLVERS[method], deltas, coeffs, steps.bootstrap_value)
-    returns = gain + steps.chain * mixed_next
+    returns = _next_of_recursion(
+        method,
+        deltas,
+        coeffs,
+        steps.bootstrap_value,
+        lambda gain, chain, mixed_next: gain + chain * mixed_next,
+        (gain, steps.chain),
+    )
     returns = jnp.where(steps.valid, returns, 0.0)
     return jnp.where(steps.valid, returns - steps.values, 0.0), returns
 
@@ -629,9 +662,7 @@ def td_targets(
         # On the CPU the blocked scan finds the next valid values under a mask with
         # gaps faster than a cummin and a gather of their index.
         next_by_scan = jax.default_backend() == "cpu"
-        steps = _prepare(
-            checked, prefix=prefix, solve=_reverse_linear_scan if next_by_scan else None
-        )
+        steps = _prepare(checked, prefix=prefix, next_by="scan" if next_by_scan else None)
         return jnp.where(steps.valid, steps.rewards + steps.discounts * steps.next_values, 0.0)
 
     return _finish(_by_mask_layout(checked, solve), stop_target_gradients)
@@ -798,7 +829,7 @@ def gae(
                 # With a mask with gaps and lambda varying in time, pallas finds the next
                 # valid values by its own kernels instead of an index lookup (a cummin
                 # and a gather).
-                solve=_reverse_linear_pallas if method == "pallas" else None,
+                next_by="pallas" if method == "pallas" else None,
                 prefix=prefix,
             )
             advantages = _advantages(steps, lam, method)
