@@ -287,7 +287,7 @@ def _next_of_recursion(
 
         def walk(inputs, x):
             delta, coeff, *at_t = inputs
-            return delta + coeff * x, read(*at_t, x)
+            return _apply_linear((delta, coeff), x), read(*at_t, x)
 
         return _reverse_blocked_scan(
             (deltas, coeffs, *extra),
