@@ -529,15 +529,22 @@ def _constant_in_time(x: Array, shape: tuple[int, ...]) -> Array | None:
     return jnp.broadcast_to(x[..., 0] if x.ndim else x, shape[:-1])
 
 
+def _with_final_values(steps: _Steps, gain: Array) -> Array:
+    """``gain`` plus ``gamma_t * final_values[..., t]`` where a time limit cut step
+    t: the final value enters a cut step through its reward, since the recursion
+    does not chain past the cut."""
+    if steps.cut is None:
+        return gain
+    return gain + jnp.where(steps.cut, steps.discounts * steps.final_values, 0.0)
+
+
 def _masked_gae_scan(steps: _Steps, lam: Array) -> Array:
     """GAE under a mask by a blocked scan of the maps of :mod:`valuefn._gae_maps`,
     which also carry the value at the next valid step. This replaces the
     ``cummin`` and gather of the next valid index, which on XLA:CPU cost more
     than the recursion itself."""
     shape = steps.rewards.shape
-    gain = steps.rewards - steps.values  # both 0 on masked steps
-    if steps.cut is not None:
-        gain = gain + jnp.where(steps.cut, steps.discounts * steps.final_values, 0.0)
+    gain = _with_final_values(steps, steps.rewards - steps.values)  # 0 on masked steps
     lam_now = _constant_in_time(lam, shape)
     lam = jnp.broadcast_to(lam, shape) if lam_now is None else lam_now
 
@@ -598,9 +605,7 @@ def _masked_gae_by_returns(steps: _Steps, lam: Array, method: str) -> tuple[Arra
     nor its index is needed, where the advantages' own recursion needs one of them
     (``_masked_gae_scan`` carries it through maps of five coefficients).
     """
-    gain = steps.rewards  # 0 on masked steps, like values and chain
-    if steps.cut is not None:
-        gain = gain + jnp.where(steps.cut, steps.discounts * steps.final_values, 0.0)
+    gain = _with_final_values(steps, steps.rewards)  # 0 on masked steps, like values and chain
     lam = lam[..., None]
     coeffs = jnp.where(steps.valid, lam * steps.chain, 1.0)
     deltas = (1.0 - lam) * steps.values + lam * gain
