@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -176,25 +177,31 @@ def test_floor_fraction_is_the_floor_time_over_the_measured_time():
     assert hardware.floor_fraction(figure, rates) == pytest.approx(0.5)  # 2 s of 4 s
 
 
-def test_measure_many_times_every_function_each_round():
+def test_measure_many_times_every_function_each_round_in_a_new_order():
     calls = []
     timings = measure_many(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1
+        {name: functools.partial(calls.append, name) for name in "abc"}, repeats=30, warmup=1
     )
-    assert calls == ["a", "b"] + ["a", "b"] * 3
-    assert all(isinstance(t, Timing) and t.repeats == 3 for t in timings.values())
+    assert calls[:3] == list("abc")  # the warm-up
+    rounds = ["".join(calls[i : i + 3]) for i in range(3, len(calls), 3)]
+    assert all(sorted(r) == list("abc") for r in rounds)
+    # No function always follows the same one, within rounds or across them.
+    timed = "".join(rounds)
+    assert {timed[i + 1] for i in range(len(timed) - 1) if timed[i] == "a"} == {"a", "b", "c"}
+    assert all(isinstance(t, Timing) and t.repeats == 30 for t in timings.values())
 
 
 def test_measure_many_back_to_back_calls_each_function_again_before_timing_it():
     calls = []
     timings = measure_many(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-        repeats=2,
+        repeats=5,
         warmup=0,
         back_to_back=True,
     )
-    assert calls == ["a", "a", "b", "b"] * 2
-    assert all(t.repeats == 2 for t in timings.values())
+    assert len(calls) == 20
+    assert all(calls[i] == calls[i + 1] for i in range(0, 20, 2))
+    assert all(t.repeats == 5 for t in timings.values())
 
 
 def test_transformer_flops_counts_three_passes_for_training():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -106,7 +107,13 @@ def measure_many(
 
     On a machine shared with other work the load changes from second to second;
     interleaving puts the same load on every function, so their ratios hold even
-    when the absolute times wander.
+    when the absolute times wander. Each round takes the functions in a new
+    order, shuffled with a fixed seed, so that no function always comes after
+    the same one: a call that leaves the machine slow for the next one taxes
+    each of the others in turn, not one of them in every round. (A JAX call
+    straight after the PyTorch GAE loop, 0.1 s of one busy core, took 1.5x to
+    10x its time after another JAX call, at 8 x 8192 on the 2-core benchmark
+    machine.)
 
     With ``back_to_back`` each timed call comes straight after an untimed call of
     the same function, as steps do in a training loop. Without it a call follows
@@ -120,8 +127,11 @@ def measure_many(
         for _ in range(warmup):
             jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             if back_to_back:
                 jax.block_until_ready(fn())
             times[name].append(_wall_time(fn))

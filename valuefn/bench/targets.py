@@ -350,7 +350,10 @@ def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats
 
 def run(quick: bool) -> list[Figure]:
     torch, rlax = optional("torch"), optional("rlax")
-    repeats = 3 if quick else 7
+    # Every call but the PyTorch loop's takes milliseconds, so rounds are cheap; in
+    # 27 the calls that come straight after the loop's (slowed, see measure_many)
+    # are about one in nine of each function's, far from its median.
+    repeats = 3 if quick else 27
     gae_methods = methods()  # on a GPU, runs the Pallas kernels once to see that they compile
     figures = []
     for batch, horizon in QUICK_SHAPES if quick else SHAPES:
