@@ -54,9 +54,14 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
         if figure["floor"] is not None:
             assert figure["floor"]["limit"] in results["limits"]
             assert figure["floor"]["fraction"] > 0
-    [large] = [f for f in results["figures"] if f["name"].startswith("valuefn update step (")]
-    assert "bfloat16" in large["name"]
+    large, scanned = [
+        f for f in results["figures"] if f["name"].startswith("valuefn update step (")
+    ]
+    assert "bfloat16" in large["name"] and "scan layers" not in large["name"]
     assert large["floor"]["limit"] in (hardware.MATMUL["bfloat16"], hardware.PEAK_BF16)
+    assert "scan layers" in scanned["name"] and scanned["baseline"]["name"] == large["name"]
+    deep = [f["name"] for f in results["figures"] if "L2" in f["name"] and "compile" in f["name"]]
+    assert len(deep) == 2 and deep[1].endswith(", scan layers")
     gae = [f for f in results["figures"] if f["name"].startswith("gae auto ")]
     assert gae and all(f["baseline"] and f["floor"] for f in gae)
     assert "figure" in run.stdout and "vs baseline" in run.stdout

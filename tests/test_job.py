@@ -171,3 +171,11 @@ def test_undervalued_early_turns_are_reported():
     assert report.undervalued_turns(metrics) == [0, 1]
     metrics = {"value_by_turn": [0.95, 1.02, 1.0], "return_by_turn": [1.0, 1.0, 1.0]}
     assert report.undervalued_turns(metrics) == []
+
+
+def test_critic_table_scans_the_layers_when_asked():
+    config = job.config_from_dict({"critic": {"num_layers": 3, "scan_layers": True}})
+    critic = job.make_critic(config)
+    kernel = critic.blocks.fc.kernel  # one Block whose arrays carry the layer axis
+    assert critic.scan_layers and kernel.shape[0] == 3
+    assert not job.make_critic(job.config_from_dict({})).scan_layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -391,6 +392,64 @@ def test_remat_gives_the_same_values_and_gradients():
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
         grads_plain,
         grads_remat,
+    )
+
+
+def layer_by_layer(params, num_layers=LAYERS):
+    """``params`` of a ``scan_layers`` model as an unrolled model's: the blocks'
+    stacked arrays split into one entry per layer."""
+    blocks = params["blocks"]
+    per_layer = {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers)}
+    return {**params, "blocks": per_layer}
+
+
+def test_scanned_layers_match_numpy_gpt2_forward():
+    model = tiny_transformer(scan_layers=True)
+    randomise_head(model)
+    toks = tokens()
+    expected = numpy_transformer(layer_by_layer(numpy_params(model)), toks, HEADS)
+    np.testing.assert_allclose(np.asarray(run(model, toks)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_scanned_layers_initialise_each_layer_as_the_unrolled_model_does():
+    scanned = numpy_params(tiny_transformer(scan_layers=True, seed=3))["blocks"]
+    unrolled = numpy_params(tiny_transformer(seed=3))["blocks"]
+    for path in (("attn", "out", "kernel"), ("proj", "kernel"), ("fc", "kernel")):
+        stacked = functools.reduce(lambda tree, key: tree[key], path, scanned)
+        first = functools.reduce(lambda tree, key: tree[key], path, unrolled[0])
+        assert stacked.shape == (LAYERS, *first.shape)
+        assert not np.allclose(stacked[0], stacked[1])  # each layer drawn on its own
+        # The same distribution: N(0, 0.02), scaled by 1/sqrt(2 L) into the residual stream.
+        np.testing.assert_allclose(stacked.std(), first.std(), rtol=0.25)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_give_the_unrolled_values_and_gradients(remat):
+    toks = tokens()
+    unrolled = tiny_transformer(remat=remat)
+    randomise_head(unrolled)
+    scanned = tiny_transformer(remat=remat, scan_layers=True, seed=7)
+    params = nnx.to_pure_dict(nnx.state(unrolled))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"].values())
+    nnx.replace_by_pure_dict(scanned_state := nnx.state(scanned), {**params, "blocks": stacked})
+    nnx.update(scanned, scanned_state)
+    results = []
+    for model in (unrolled, scanned):
+        graphdef, state = nnx.split(model)
+
+        def loss(state, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(toks) ** 2)
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(state)
+        results.append((value, nnx.to_pure_dict(grads)))
+    (value_unrolled, grads_unrolled), (value_scanned, grads_scanned) = results
+    np.testing.assert_allclose(value_scanned, value_unrolled, rtol=1e-5)
+    assert grads_scanned.keys() == grads_unrolled.keys()
+    # Float rounding differs with the order XLA sums in: tolerances scale with each array.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+        layer_by_layer(grads_scanned),
+        grads_unrolled,
     )
 
 

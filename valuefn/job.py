@@ -44,6 +44,7 @@ class CriticConfig:
     num_layers: int = 2
     num_heads: int = 4
     remat: bool = False
+    scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,7 @@ def make_critic(config: TrainConfig) -> TransformerValue:
         num_heads=config.critic.num_heads,
         max_len=config.task.length,
         remat=config.critic.remat,
+        scan_layers=config.critic.scan_layers,
         rngs=nnx.Rngs(config.seed),
     )
 

@@ -413,6 +413,17 @@ def _run_block(block: Block, x: Array) -> Array:
     return block(x)
 
 
+def _stacked_blocks(num_layers: int, rngs: nnx.Rngs, **block_args) -> Block:
+    """``num_layers`` blocks as one :class:`Block` whose arrays have a leading layer axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(num_layers=num_layers, rngs=rngs, **block_args)
+
+    return make(rngs)
+
+
 class TransformerValue(nnx.Module):
     """GPT-2-style causal transformer critic: tokens ``[B, T]`` -> values ``[B, T]``.
 
@@ -433,6 +444,12 @@ class TransformerValue(nnx.Module):
         LayerNorm statistics, softmax and the head stay float32.
       remat: recompute each block's activations in the backward pass instead of
         storing them (``nnx.remat``), for long sequences.
+      scan_layers: keep the blocks' parameters stacked along a leading layer
+        axis and run the blocks by one ``nnx.scan``, so that XLA compiles one
+        block instead of ``num_layers``: the compile time stops growing with
+        depth. The same function; the parameters are laid out (and drawn at
+        initialisation) differently, so checkpoints of the two layouts do not
+        mix.
       rngs: random streams for the initialisation.
 
     References:
@@ -449,6 +466,7 @@ class TransformerValue(nnx.Module):
         max_len: int,
         dtype: Any = jnp.float32,
         remat: bool = False,
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         for name, value in [
@@ -466,6 +484,7 @@ class TransformerValue(nnx.Module):
         self.max_len = max_len
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
         init = nnx.initializers.normal(_INIT_STD)
         self.token_embed = nnx.Embed(
             vocab_size, d_model, dtype=dtype, embedding_init=init, rngs=rngs
@@ -473,12 +492,13 @@ class TransformerValue(nnx.Module):
         self.position_embed = nnx.Embed(
             max_len, d_model, dtype=dtype, embedding_init=init, rngs=rngs
         )
-        self.blocks = nnx.List(
-            [
-                Block(d_model, num_heads, num_layers=num_layers, dtype=dtype, rngs=rngs)
-                for _ in range(num_layers)
-            ]
-        )
+        block_args = dict(d_model=d_model, num_heads=num_heads, dtype=dtype)
+        if scan_layers:
+            self.blocks = _stacked_blocks(num_layers, rngs, **block_args)
+        else:
+            self.blocks = nnx.List(
+                [Block(num_layers=num_layers, rngs=rngs, **block_args) for _ in range(num_layers)]
+            )
         self.ln_final = nnx.LayerNorm(d_model, epsilon=_LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
         self.head = _zero_head(d_model, rngs)
 
@@ -494,8 +514,11 @@ class TransformerValue(nnx.Module):
             raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
         x = self.token_embed(tokens) + self.position_embed(jnp.arange(tokens.shape[1]))
         run_block = nnx.remat(_run_block) if self.remat else _run_block
-        for block in self.blocks:
-            x = run_block(block, x)
+        if self.scan_layers:
+            x = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = run_block(block, x)
         return _apply_head(self.head, self.ln_final(x))
 
 

@@ -13,6 +13,11 @@ them). Nothing runs: the step is lowered and compiled from abstract shapes.
 
 Each figure's baseline is the same step at the shortest ``T``: its ratio is
 below 1 by as much as the cost grows.
+
+And the same against depth: the 124M-parameter critic
+(``problem.GPT2_SMALL``, 12 blocks, bf16) at ``T = 256``, its blocks unrolled
+(the baseline) and run by one ``nnx.scan`` (``TransformerValue(scan_layers=True)``),
+which compiles one block instead of twelve.
 """
 
 from __future__ import annotations
@@ -46,44 +51,57 @@ def _abstract(tree):
 def run(quick: bool) -> list[Figure]:
     base_spec = problem.TINY if quick else problem.REFERENCE
     lengths = QUICK_LENGTHS if quick else LENGTHS
-    repeats = 1
     figures = []
     for remat in (False, True):
         spec = dataclasses.replace(base_spec, remat=remat)
-        first: tuple[str, Timing, int] | None = None
-        for seq_len in lengths:
-            graphdef, optimizer, state = problem.make_problem(spec, seq_len)
-            args = _abstract((state, problem.make_batch(1, seq_len, spec.vocab)))
-            compiled = []
+        figures += _compiles([(spec, seq_len) for seq_len in lengths])
+    # Depth: the 124M critic's 12 blocks unrolled, then run by one scan.
+    deep = dataclasses.replace(problem.TINY, num_layers=2) if quick else problem.GPT2_SMALL
+    seq_len = lengths[0]
+    figures += _compiles(
+        [(dataclasses.replace(deep, scan_layers=scan), seq_len) for scan in (False, True)]
+    )
+    return figures
 
-            def compile_step(graphdef=graphdef, optimizer=optimizer, args=args, out=compiled):
-                step = problem.make_update_step(graphdef, optimizer)
-                out.append(step.lower(*args).compile())
 
-            timing = measure(compile_step, repeats=repeats, warmup=0)
-            memory = peak_bytes(compiled[-1])
-            name = f"T={seq_len} {spec.describe()}"
-            first = first or (name, timing, memory)
-            figures.append(
-                Figure(
-                    f"update step compile {name}",
-                    timing.median,
-                    timing.min,
-                    timing.max,
-                    "s",
-                    baseline=f"compile {first[0]}",
-                    baseline_median=first[1].median,
-                )
+def _compiles(cases) -> list[Figure]:
+    """Compile time and peak memory of the update step for each ``(spec, seq_len)``
+    of ``cases`` on one row, each against the first case."""
+    figures = []
+    first: tuple[str, Timing, int] | None = None
+    for spec, seq_len in cases:
+        graphdef, optimizer, state = problem.make_problem(spec, seq_len)
+        args = _abstract((state, problem.make_batch(1, seq_len, spec.vocab)))
+        compiled = []
+
+        def compile_step(graphdef=graphdef, optimizer=optimizer, args=args, out=compiled):
+            step = problem.make_update_step(graphdef, optimizer)
+            out.append(step.lower(*args).compile())
+
+        timing = measure(compile_step, repeats=1, warmup=0)
+        memory = peak_bytes(compiled[-1])
+        name = f"T={seq_len} {spec.describe()}"
+        first = first or (name, timing, memory)
+        figures.append(
+            Figure(
+                f"update step compile {name}",
+                timing.median,
+                timing.min,
+                timing.max,
+                "s",
+                baseline=f"compile {first[0]}",
+                baseline_median=first[1].median,
             )
-            figures.append(
-                Figure(
-                    f"update step peak memory {name}",
-                    memory,
-                    memory,
-                    memory,
-                    "bytes",
-                    baseline=f"memory {first[0]}",
-                    baseline_median=first[2],
-                )
+        )
+        figures.append(
+            Figure(
+                f"update step peak memory {name}",
+                memory,
+                memory,
+                memory,
+                "bytes",
+                baseline=f"memory {first[0]}",
+                baseline_median=first[2],
             )
+        )
     return figures

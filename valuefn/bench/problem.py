@@ -31,10 +31,12 @@ class ModelSpec:
     num_heads: int = 4
     dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
 
     def describe(self) -> str:
         remat = ", remat" if self.remat else ""
-        return f"d{self.d_model} L{self.num_layers} {self.dtype}{remat}"
+        scan = ", scan layers" if self.scan_layers else ""
+        return f"d{self.d_model} L{self.num_layers} {self.dtype}{remat}{scan}"
 
 
 REFERENCE = ModelSpec()
@@ -52,6 +54,7 @@ def make_model(spec: ModelSpec, max_len: int) -> valuefn.TransformerValue:
         max_len=max_len,
         dtype=jnp.dtype(spec.dtype),
         remat=spec.remat,
+        scan_layers=spec.scan_layers,
         rngs=nnx.Rngs(0),
     )
 

@@ -16,7 +16,9 @@ it twice as slow on a shared 2-core machine). Figures:
 - one bf16 step of a GPT-2-small-shaped critic (d_model 768, 12 layers, 12
   heads, vocab 50257: 124M parameters at 1024 positions), JAX only, held
   against the datasheet bf16 peak on a known GPU (model FLOP utilisation) or
-  the measured bf16 matmul rate elsewhere.
+  the measured bf16 matmul rate elsewhere; and the same step with its blocks
+  run by one scan (``TransformerValue(scan_layers=True)``), against the
+  unrolled one.
 
 JAX and PyTorch calls are interleaved (one of each per round) so that both see
 the same machine load, and each timed call comes straight after an untimed
@@ -198,14 +200,17 @@ def run(quick: bool) -> list[Figure]:
             against = (f"torch eager {label}", timings["torch"])
         figures.append(timed(f"valuefn {label}", timings["jax"], against=against, **work))
     if quick:
-        figures.append(large_model_step(dataclasses.replace(base, dtype="bfloat16"), (1, 16)))
+        tiny = dataclasses.replace(base, dtype="bfloat16", num_layers=2)
+        figures += large_model_step(tiny, (1, 16))
     else:
-        figures.append(large_model_step())
+        figures += large_model_step()
     return figures
 
 
-def large_model_step(spec: problem.ModelSpec = problem.GPT2_SMALL, rows_x_len=None) -> Figure:
-    """One bf16 update step of the 124M-parameter critic, against the bf16 floor (MFU).
+def large_model_step(spec: problem.ModelSpec = problem.GPT2_SMALL, rows_x_len=None) -> list[Figure]:
+    """One bf16 update step of the 124M-parameter critic, against the bf16 floor
+    (MFU); and the same with its blocks run by one scan (``scan_layers``), against
+    the unrolled step, timed in turn with it.
 
     ``spec`` and ``rows_x_len`` replace the model and the batch shape (a quick
     run uses a tiny model); by default the batch is ``LARGE_ROWS_X_LEN`` of the
@@ -214,10 +219,26 @@ def large_model_step(spec: problem.ModelSpec = problem.GPT2_SMALL, rows_x_len=No
     backend = "cpu" if jax.default_backend() == "cpu" else "accelerator"
     rows, seq_len = rows_x_len or LARGE_ROWS_X_LEN[backend]
     batch = problem.make_batch(rows, seq_len, spec.vocab)
-    timing = measure_many({"jax": jax_runner(spec, batch)}, repeats=3)["jax"]
-    count = valuefn.count_parameters(nnx.eval_shape(lambda: problem.make_model(spec, seq_len)))
-    return timed(
-        f"valuefn update step ({rows}x{seq_len} tokens, {spec.describe()}, {count:,} parameters)",
-        timing,
-        **problem.step_work(spec, rows, seq_len),
+    specs = {"unrolled": spec, "scan": dataclasses.replace(spec, scan_layers=True)}
+    timings = measure_many(
+        {name: jax_runner(each, batch) for name, each in specs.items()},
+        repeats=3,
+        warmup=0,
+        back_to_back=True,
     )
+    count = valuefn.count_parameters(nnx.eval_shape(lambda: problem.make_model(spec, seq_len)))
+    names = {
+        name: f"valuefn update step ({rows}x{seq_len} tokens, {each.describe()}, "
+        f"{count:,} parameters)"
+        for name, each in specs.items()
+    }
+    work = problem.step_work(spec, rows, seq_len)
+    return [
+        timed(names["unrolled"], timings["unrolled"], **work),
+        timed(
+            names["scan"],
+            timings["scan"],
+            against=(names["unrolled"], timings["unrolled"]),
+            **work,
+        ),
+    ]
