@@ -116,12 +116,49 @@ def mesh_results(path: str) -> None:
         state = run_epochs(graphdef, optimizer, state, distributed.shard_batch(batch, mesh))
         for name, value in flat_params(state).items():
             results[f"{tag}_epochs/{name}"] = value
+    results.update(scanned_transformer_results())
     try:
         distributed.shard_batch(jax.tree.map(lambda x: x[:12], batch), distributed.make_mesh(8, 1))
         results["divide_error"] = np.array("no error")
     except ValueError as err:
         results["divide_error"] = np.array(str(err))
     np.savez(path, **results)
+
+
+def scanned_transformer_results() -> dict[str, np.ndarray]:
+    """A transformer critic with stacked, scanned blocks: updates on one device and
+    on each mesh, and which of its parameters FSDP shards."""
+    model = valuefn.TransformerValue(
+        16,
+        d_model=16,
+        num_layers=2,
+        num_heads=2,
+        max_len=STEPS,
+        scan_layers=True,
+        rngs=nnx.Rngs(0),
+    )
+    optimizer = optax.adam(1e-2)
+    _, _, batch = make_problem()
+    tokens = np.random.default_rng(2).integers(0, 16, (ROWS, STEPS)).astype(np.int32)
+    batch = batch._replace(inputs=tokens)
+    graphdef, state = valuefn.init_train_state(model, optimizer)
+    initial = host_copy(state)
+    update_step = valuefn.make_update_step(graphdef, optimizer, clip_epsilon=0.2)
+    single, _ = run_updates(update_step, jax.device_put(initial), jax.device_put(batch))
+    results = {f"scanned/single/{k}": v for k, v in flat_params(single).items()}
+    for data, fsdp in MESH_SHAPES:
+        mesh = distributed.make_mesh(data, fsdp)
+        tag = f"{data}x{fsdp}"
+        state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
+        sharded = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
+            if "fsdp" in tuple(leaf.sharding.spec)
+        ]
+        results[f"scanned_sharded_params/{tag}"] = np.array(sharded, dtype=str)
+        state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
+        results.update({f"scanned/{tag}/{k}": v for k, v in flat_params(state).items()})
+    return results
 
 
 def process_results(path: str, address: str, num_processes: int, process_id: int) -> None:

@@ -82,6 +82,19 @@ def test_return_normalizer_statistics_are_global(mesh_results, shape):
     assert_same_params(params_of(mesh_results, f"normalized/{shape}"), single)
 
 
+@pytest.mark.parametrize("shape", ["8x1", "4x2", "1x8"])
+def test_sharded_scanned_transformer_equals_single_device(mesh_results, shape):
+    single = params_of(mesh_results, "scanned/single")
+    assert any("blocks" in name for name in single)
+    assert_same_params(params_of(mesh_results, f"scanned/{shape}"), single)
+
+
+def test_fsdp_shards_the_stacked_blocks_of_a_scanned_transformer(mesh_results):
+    sharded = list(mesh_results["scanned_sharded_params/1x8"])
+    assert any("blocks" in name and "fc" in name for name in sharded)
+    assert len(mesh_results["scanned_sharded_params/8x1"]) == 0
+
+
 def test_fsdp_really_shards_parameters(mesh_results):
     assert len(mesh_results["sharded_params/8x1"]) == 0
     assert len(mesh_results["sharded_params/4x2"]) > 0
