@@ -60,6 +60,17 @@ def normalizer_results(tag: str, state) -> dict[str, np.ndarray]:
     return {**stats, **params}
 
 
+def shard_listing(initial, mesh):
+    """``initial`` sharded over ``mesh``, and the names of the parameters FSDP splits."""
+    state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
+    sharded = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
+        if "fsdp" in tuple(leaf.sharding.spec)
+    ]
+    return state, sharded
+
+
 def run_updates(update_step, state, batch):
     metrics = None
     for _ in range(NUM_UPDATES):
@@ -99,12 +110,7 @@ def mesh_results(path: str) -> None:
     for data, fsdp in MESH_SHAPES:
         mesh = distributed.make_mesh(data, fsdp)
         tag = f"{data}x{fsdp}"
-        state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
-        sharded = [
-            jax.tree_util.keystr(path)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
-            if "fsdp" in tuple(leaf.sharding.spec)
-        ]
+        state, sharded = shard_listing(initial, mesh)
         results[f"sharded_params/{tag}"] = np.array(sharded, dtype=str)
         state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
         for name, value in flat_params(state).items():
@@ -149,12 +155,7 @@ def scanned_transformer_results() -> dict[str, np.ndarray]:
     for data, fsdp in MESH_SHAPES:
         mesh = distributed.make_mesh(data, fsdp)
         tag = f"{data}x{fsdp}"
-        state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
-        sharded = [
-            jax.tree_util.keystr(path)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
-            if "fsdp" in tuple(leaf.sharding.spec)
-        ]
+        state, sharded = shard_listing(initial, mesh)
         results[f"scanned_sharded_params/{tag}"] = np.array(sharded, dtype=str)
         state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
         results.update({f"scanned/{tag}/{k}": v for k, v in flat_params(state).items()})
