@@ -60,22 +60,32 @@ def normalizer_results(tag: str, state) -> dict[str, np.ndarray]:
     return {**stats, **params}
 
 
-def shard_listing(initial, mesh):
-    """``initial`` sharded over ``mesh``, and the names of the parameters FSDP splits."""
-    state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
-    sharded = [
-        jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
-        if "fsdp" in tuple(leaf.sharding.spec)
-    ]
-    return state, sharded
-
-
 def run_updates(update_step, state, batch):
     metrics = None
     for _ in range(NUM_UPDATES):
         state, metrics = update_step(state, batch)
     return state, metrics
+
+
+def updates_on_meshes(update_step, initial, batch, prefix: str = "") -> dict[str, np.ndarray]:
+    """The parameters after :func:`run_updates` from ``initial`` on one device
+    (``{prefix}single/NAME``) and on each of ``MESH_SHAPES`` (``{prefix}DxF/NAME``),
+    and the names of the parameters FSDP splits there (``{prefix}sharded_params/DxF``)."""
+    single, _ = run_updates(update_step, jax.device_put(initial), jax.device_put(batch))
+    results = {f"{prefix}single/{k}": v for k, v in flat_params(single).items()}
+    for data, fsdp in MESH_SHAPES:
+        mesh = distributed.make_mesh(data, fsdp)
+        shape = f"{data}x{fsdp}"
+        state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
+        sharded = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
+            if "fsdp" in tuple(leaf.sharding.spec)
+        ]
+        results[f"{prefix}sharded_params/{shape}"] = np.array(sharded, dtype=str)
+        state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
+        results.update({f"{prefix}{shape}/{k}": v for k, v in flat_params(state).items()})
+    return results
 
 
 def run_epochs(graphdef, optimizer, state, batch):
@@ -91,11 +101,7 @@ def mesh_results(path: str) -> None:
     graphdef, state = valuefn.init_train_state(model, optimizer)
     initial = host_copy(state)
     update_step = valuefn.make_update_step(graphdef, optimizer, clip_epsilon=0.2)
-    results = {}
-
-    single, _ = run_updates(update_step, jax.device_put(initial), jax.device_put(batch))
-    for name, value in flat_params(single).items():
-        results[f"single/{name}"] = value
+    results = updates_on_meshes(update_step, initial, batch)
     single_epochs = run_epochs(graphdef, optimizer, jax.device_put(initial), batch)
     for name, value in flat_params(single_epochs).items():
         results[f"single_epochs/{name}"] = value
@@ -110,11 +116,6 @@ def mesh_results(path: str) -> None:
     for data, fsdp in MESH_SHAPES:
         mesh = distributed.make_mesh(data, fsdp)
         tag = f"{data}x{fsdp}"
-        state, sharded = shard_listing(initial, mesh)
-        results[f"sharded_params/{tag}"] = np.array(sharded, dtype=str)
-        state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
-        for name, value in flat_params(state).items():
-            results[f"{tag}/{name}"] = value
         state = distributed.shard_state(initial, mesh, min_size=MIN_SHARD_SIZE)
         state, _ = run_updates(normalized_step, state, distributed.shard_batch(batch, mesh))
         results.update(normalizer_results(tag, state))
@@ -150,16 +151,7 @@ def scanned_transformer_results() -> dict[str, np.ndarray]:
     graphdef, state = valuefn.init_train_state(model, optimizer)
     initial = host_copy(state)
     update_step = valuefn.make_update_step(graphdef, optimizer, clip_epsilon=0.2)
-    single, _ = run_updates(update_step, jax.device_put(initial), jax.device_put(batch))
-    results = {f"scanned/single/{k}": v for k, v in flat_params(single).items()}
-    for data, fsdp in MESH_SHAPES:
-        mesh = distributed.make_mesh(data, fsdp)
-        tag = f"{data}x{fsdp}"
-        state, sharded = shard_listing(initial, mesh)
-        results[f"scanned_sharded_params/{tag}"] = np.array(sharded, dtype=str)
-        state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
-        results.update({f"scanned/{tag}/{k}": v for k, v in flat_params(state).items()})
-    return results
+    return updates_on_meshes(update_step, initial, batch, prefix="scanned/")
 
 
 def process_results(path: str, address: str, num_processes: int, process_id: int) -> None:

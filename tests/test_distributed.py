@@ -90,9 +90,9 @@ def test_sharded_scanned_transformer_equals_single_device(mesh_results, shape):
 
 
 def test_fsdp_shards_the_stacked_blocks_of_a_scanned_transformer(mesh_results):
-    sharded = list(mesh_results["scanned_sharded_params/1x8"])
+    sharded = list(mesh_results["scanned/sharded_params/1x8"])
     assert any("blocks" in name and "fc" in name for name in sharded)
-    assert len(mesh_results["scanned_sharded_params/8x1"]) == 0
+    assert len(mesh_results["scanned/sharded_params/8x1"]) == 0
 
 
 def test_fsdp_really_shards_parameters(mesh_results):

@@ -431,7 +431,8 @@ def test_scanned_layers_give_the_unrolled_values_and_gradients(remat):
     scanned = tiny_transformer(remat=remat, scan_layers=True, seed=7)
     params = nnx.to_pure_dict(nnx.state(unrolled))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params["blocks"].values())
-    nnx.replace_by_pure_dict(scanned_state := nnx.state(scanned), {**params, "blocks": stacked})
+    scanned_state = nnx.state(scanned)
+    nnx.replace_by_pure_dict(scanned_state, {**params, "blocks": stacked})
     nnx.update(scanned, scanned_state)
     results = []
     for model in (unrolled, scanned):
