@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from valuefn import cli
-from valuefn.bench import hardware, suite, targets
-from valuefn.bench.figures import Figure, Timing, measure_many
+from valuefn.bench import figures, hardware, suite, targets
+from valuefn.bench.figures import Figure, Timing, measure_many, timed
 from valuefn.targets import _keeps_prefix
 
 
@@ -64,6 +64,10 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     assert len(deep) == 2 and deep[1].endswith(", scan layers")
     gae = [f for f in results["figures"] if f["name"].startswith("gae auto ")]
     assert gae and all(f["baseline"] and f["floor"] for f in gae)
+    # Compared in the same rounds: the rounds won are counted.
+    assert all(0 <= f["baseline"]["wins"] <= f["baseline"]["rounds"] for f in gae)
+    stages = [f for f in results["figures"] if f["name"].startswith("iteration stage")]
+    assert stages and all("wins" not in f["baseline"] for f in stages)
     assert "figure" in run.stdout and "vs baseline" in run.stdout
 
 
@@ -207,6 +211,56 @@ def test_measure_many_back_to_back_calls_each_function_again_before_timing_it():
     assert len(calls) == 20
     assert all(calls[i] == calls[i + 1] for i in range(0, 20, 2))
     assert all(t.repeats == 5 for t in timings.values())
+
+
+def test_figures_count_the_rounds_won_against_a_baseline_timed_in_the_same_rounds(monkeypatch):
+    # Each call returns the time it is to be given.
+    monkeypatch.setattr(figures, "_wall_time", lambda fn: fn())
+    scripted = {"a": [1.0, 5.0, 2.0, 6.0, 3.0], "b": [4.0, 4.0, 4.0, 4.0, 4.0], "c": [9.0] * 5}
+    timings = measure_many(
+        {name: functools.partial(list.pop, times, 0) for name, times in scripted.items()},
+        repeats=5,
+        warmup=0,
+    )
+    assert timings["a"].times == (1.0, 5.0, 2.0, 6.0, 3.0)
+    figure = timed("a", timings["a"], against=("b", timings["b"]))
+    assert (figure.wins, figure.rounds) == (3, 5)
+    assert figure.ratio == pytest.approx(4.0 / 3.0)
+    assert timed("b", timings["b"], against=("c", timings["c"])).wins == 5
+    # Not timed in the same rounds, or against itself: nothing to count.
+    [other] = measure_many({"a": lambda: 1.0}, repeats=5, warmup=0).values()
+    assert timed("a", other, against=("b", timings["b"])).rounds is None
+    assert timed("a", timings["a"], against=("a", timings["a"])).rounds is None
+
+
+def test_table_shows_the_rounds_won_next_to_the_ratio():
+    record = suite._figure_record(
+        "targets",
+        Figure("x", 1.0, 1.0, 1.0, baseline="y", baseline_median=2.0, wins=6, rounds=7),
+        {},
+    )
+    assert record["baseline"] == {"name": "y", "median": 2.0, "wins": 6, "rounds": 7}
+    unpaired = suite._figure_record(
+        "targets", Figure("z", 1.0, 1.0, 1.0, baseline="y", baseline_median=3.0), {}
+    )
+    results = {
+        "figures": [record, unpaired],
+        "machine": {
+            "backend": "cpu",
+            "device_count": 1,
+            "device_kind": "cpu",
+            "processor": "p",
+            "cpu_count": 2,
+        },
+        "versions": {"jax": "0", "torch": None, "rlax": None},
+        "date": "2026-11-25",
+        "quick": False,
+        "skipped": {},
+        "errors": {},
+    }
+    table = suite.format_results(results)
+    assert "2x (6/7)" in table
+    assert "3x" in table and "3x (" not in table
 
 
 def test_transformer_flops_counts_three_passes_for_training():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -12,10 +13,19 @@ import jax
 
 
 class Timing(NamedTuple):
+    """Wall times of one function over ``repeats`` rounds of :func:`measure_many`.
+
+    ``times`` are the rounds' times in round order, and ``run`` numbers the
+    :func:`measure_many` call that took them: two timings of the same run were
+    taken in the same rounds, so their times pair up round by round.
+    """
+
     median: float  # seconds
     min: float
     max: float
     repeats: int
+    times: tuple[float, ...] = ()
+    run: int | None = None
 
 
 class Figure(NamedTuple):
@@ -37,6 +47,10 @@ class Figure(NamedTuple):
         :mod:`valuefn.bench.hardware` (``"memory bandwidth"``, ``"matmul float32"``,
         ``"matmul bfloat16"``), or None.
       floor_work: the bytes that must move or the FLOPs that must run in one call.
+      wins, rounds: where the figure and its baseline were timed in the same
+        rounds, the rounds in which the figure took less time than the
+        baseline, out of ``rounds``: how often the figure is ahead, where the
+        ratio of the medians says by how much. None otherwise.
     """
 
     name: str
@@ -50,6 +64,8 @@ class Figure(NamedTuple):
     work_unit: str | None = None
     floor: str | None = None
     floor_work: float | None = None
+    wins: int | None = None
+    rounds: int | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -71,9 +87,17 @@ def timed(
     against: tuple[str, Timing] | None = None,
     **fields,
 ) -> Figure:
-    """A figure in seconds from a :class:`Timing`, compared ``against`` a named timing."""
+    """A figure in seconds from a :class:`Timing`, compared ``against`` a named timing.
+
+    Where both timings come from the same :func:`measure_many` call, the figure
+    also counts the rounds it won (:attr:`Figure.wins`).
+    """
     if against is not None:
-        fields.update(baseline=against[0], baseline_median=against[1].median)
+        name_against, baseline = against
+        fields.update(baseline=name_against, baseline_median=baseline.median)
+        if timing is not baseline and timing.run is not None and timing.run == baseline.run:
+            pairs = list(zip(timing.times, baseline.times, strict=True))
+            fields.update(wins=sum(t < b for t, b in pairs), rounds=len(pairs))
     return Figure(name, timing.median, timing.min, timing.max, "s", **fields)
 
 
@@ -83,6 +107,9 @@ def optional(name: str):
         return __import__(name)
     except ImportError:
         return None
+
+
+_RUNS = itertools.count()
 
 
 def _wall_time(fn: Callable[[], object]) -> float:
@@ -135,8 +162,10 @@ def measure_many(
             if back_to_back:
                 jax.block_until_ready(fn())
             times[name].append(_wall_time(fn))
+    run = next(_RUNS)
     return {
-        name: Timing(statistics.median(t), min(t), max(t), repeats) for name, t in times.items()
+        name: Timing(statistics.median(t), min(t), max(t), repeats, tuple(t), run)
+        for name, t in times.items()
     }
 
 

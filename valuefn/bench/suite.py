@@ -3,7 +3,8 @@
 ``valuefn bench`` (or ``python -m benchmarks`` in the repository) runs every
 benchmark module's ``run(quick)``, measures the machine's limits first, and
 writes ``<out>/<backend>-<date>.json`` with the machine, the versions, and for
-every figure its median, min, max, its baseline and its fraction of the
+every figure its median, min, max, its baseline (with the rounds the figure
+won, where the two were timed in the same rounds) and its fraction of the
 hardware limit. The file is written after each benchmark too, with
 ``"complete": false`` until the last, so that a run cut short by a job's time
 limit keeps what it measured. ``--quick`` runs everything at tiny sizes, to
@@ -142,6 +143,8 @@ def _figure_record(benchmark: str, figure, rates: dict[str, float]) -> dict:
     }
     if figure.baseline is not None:
         record["baseline"] = {"name": figure.baseline, "median": figure.baseline_median}
+        if figure.rounds is not None:
+            record["baseline"].update(wins=figure.wins, rounds=figure.rounds)
     if figure.floor is not None:
         record["floor"] = {
             "limit": figure.floor,
@@ -246,6 +249,15 @@ def _quantity(value: float, unit: str) -> str:
     return f"{value * 1e6:.3g} us"
 
 
+def _versus(figure: dict) -> str:
+    """The ratio to the baseline, with the rounds won where they were paired: ``1.1x (5/7)``."""
+    if figure["ratio"] is None:
+        return ""
+    text = f"{figure['ratio']:.3g}x"
+    rounds = figure["baseline"].get("rounds")
+    return text if rounds is None else f"{text} ({figure['baseline']['wins']}/{rounds})"
+
+
 def format_results(results: dict, *, markdown: bool = False) -> str:
     """The results as one plain-text (or Markdown) table under a line naming the machine."""
     from valuefn.bench.figures import format_table
@@ -262,11 +274,20 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
                 _quantity(f["max"], f["unit"]),
                 "" if f["rate"] is None else _si(f["rate"], f"{f['work_unit']}/s"),
                 "" if f["baseline"] is None else f["baseline"]["name"],
-                "" if f["ratio"] is None else f"{f['ratio']:.3g}x",
+                _versus(f),
                 "" if fraction is None else f"{100 * fraction:.3g}% {floor['limit']}",
             ]
         )
-    headers = ["figure", "median", "min", "max", "rate", "baseline", "vs baseline", "of limit"]
+    headers = [
+        "figure",
+        "median",
+        "min",
+        "max",
+        "rate",
+        "baseline",
+        "vs baseline (rounds won)",
+        "of limit",
+    ]
     machine, versions = results["machine"], results["versions"]
     tunables = machine.get("glibc_tunables")
     lines = [
