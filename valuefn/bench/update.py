@@ -188,9 +188,11 @@ def run(quick: bool) -> list[Figure]:
         if torch is not None:
             fns["torch"] = torch_runner(torch, spec, batch, exm or (1, 1))
         # Every timed call right after an untimed one, as in a training loop (see
-        # measure_many). A call of many updates already averages over them: one
-        # round, so that the suite stays within minutes.
-        repeats = 3 if updates == 1 else 1
+        # measure_many). Single steps take 7 rounds, as the other kernels do, so
+        # that their medians and the rounds won hold; a call of many updates
+        # already averages over them: one round, so that the suite stays within
+        # minutes.
+        repeats = 7 if updates == 1 else 1
         timings = measure_many(fns, repeats=repeats, warmup=0, back_to_back=True)
         label = f"{name} {dtype} ({updates} x {rows}x{seq_len} tokens, {spec.describe()})"
         work = problem.step_work(spec, rows, seq_len, updates)
