@@ -60,6 +60,10 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     assert "bfloat16" in large["name"] and "scan layers" not in large["name"]
     assert large["floor"]["limit"] in (hardware.MATMUL["bfloat16"], hardware.PEAK_BF16)
     assert "scan layers" in scanned["name"] and scanned["baseline"]["name"] == large["name"]
+    scanned_remat = [
+        f["name"] for f in results["figures"] if f["name"].endswith("remat, scan layers")
+    ]
+    assert any("peak memory" in name for name in scanned_remat)
     deep = [f["name"] for f in results["figures"] if "L2" in f["name"] and "compile" in f["name"]]
     assert len(deep) == 2 and deep[1].endswith(", scan layers")
     gae = [f for f in results["figures"] if f["name"].startswith("gae auto ")]
