@@ -204,6 +204,13 @@ def test_measure_many_times_every_function_each_round_in_a_new_order():
     assert all(isinstance(t, Timing) and t.repeats == 30 for t in timings.values())
 
 
+def test_gae_comparisons_time_each_call_straight_after_an_untimed_one(monkeypatch):
+    loop, calls = targets.numpy_gae, []
+    monkeypatch.setattr(targets, "numpy_gae", lambda *args: calls.append(1) or loop(*args))
+    targets.compare_shape(2, 16, repeats=3, torch=None, rlax=None)
+    assert len(calls) == 1 + 2 * 3  # the warm-up, then an untimed and a timed call a round
+
+
 def test_measure_many_back_to_back_calls_each_function_again_before_timing_it():
     calls = []
     timings = measure_many(

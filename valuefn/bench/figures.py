@@ -149,6 +149,10 @@ def measure_many(
     that maps large buffers afresh, as XLA:CPU does its temporaries on every
     call, first waits for the host to back them again: 2 to 4 s of kernel time
     for one update step of the reference critic, against 0.2 s back to back.
+    Short calls pay for a pause too: after the PyTorch GAE loop's turn (0.1 s
+    in which XLA's threads idle), GAE took 1.3x its back-to-back time at
+    256 x 4096 and 1.9x at 8 x 8192, rlax's as much, with or without the cache
+    flushed in between; GAE's comparisons are timed back to back for that.
     """
     for fn in fns.values():
         for _ in range(warmup):

@@ -21,6 +21,10 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
   and ``gae auto, ...`` (advantages and returns, what a critic trains on)
   against rlax plus ``advantages + values``.
 
+The compared calls are timed in turn, each timed call straight after an
+untimed call of the same function, as the update steps are (see
+:func:`valuefn.bench.figures.measure_many`).
+
 The method map times ``associative`` (and ``pallas`` on a GPU) against
 ``scan`` over a grid of shapes (``ratio`` is the speed-up over ``scan``);
 ``auto`` is chosen from it. On a GPU the Pallas kernels are swept at
@@ -200,8 +204,11 @@ def compare_shape(
         calls[NO_MASK] = functools.partial(_gae_fn("auto"), r, v, d, b)
         calls[NO_MASK_ADVANTAGES] = functools.partial(advantages_only, r, v, d, b)
 
+    # Back to back, as the update steps are timed: a JAX call that comes after
+    # the PyTorch loop's 0.1 s turn, with XLA's threads idle, takes 1.2x to 1.8x
+    # its time after another JAX call (see measure_many).
     with torch.no_grad() if torch is not None else contextlib.nullcontext():
-        timings = measure_many(calls, repeats=repeats)
+        timings = measure_many(calls, repeats=repeats, back_to_back=True)
 
     shape = f"{batch}x{horizon}"
     steps = {"work": batch * horizon, "work_unit": "steps"}
@@ -350,9 +357,8 @@ def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats
 
 def run(quick: bool) -> list[Figure]:
     torch, rlax = optional("torch"), optional("rlax")
-    # Every call but the PyTorch loop's takes milliseconds, so rounds are cheap; in
-    # 27 the calls that come straight after the loop's (slowed, see measure_many)
-    # are about one in nine of each function's, far from its median.
+    # Every call but the PyTorch loop's takes milliseconds, so rounds are cheap,
+    # and 27 of them give medians and counts of rounds won that hold.
     repeats = 3 if quick else 27
     gae_methods = methods()  # on a GPU, runs the Pallas kernels once to see that they compile
     figures = []
