@@ -205,7 +205,7 @@ def compare_shape(
         calls[NO_MASK_ADVANTAGES] = functools.partial(advantages_only, r, v, d, b)
 
     # Back to back, as the update steps are timed: a JAX call that comes after
-    # the PyTorch loop's 0.1 s turn, with XLA's threads idle, takes 1.2x to 1.8x
+    # the PyTorch loop's 0.1 s turn, with XLA's threads idle, takes 1.3x to 2x
     # its time after another JAX call (see measure_many).
     with torch.no_grad() if torch is not None else contextlib.nullcontext():
         timings = measure_many(calls, repeats=repeats, back_to_back=True)
