@@ -70,6 +70,10 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     assert gae and all(f["baseline"] and f["floor"] for f in gae)
     # Compared in the same rounds: the rounds won are counted.
     assert all(0 <= f["baseline"]["wins"] <= f["baseline"]["rounds"] for f in gae)
+    returns = [
+        f for f in results["figures"] if f["name"].startswith(("td_", "n_step", "lambda_r", "disc"))
+    ]
+    assert len(returns) == 4 and all(f["floor"] for f in returns)
     stages = [f for f in results["figures"] if f["name"].startswith("iteration stage")]
     assert stages and all("wins" not in f["baseline"] for f in stages)
     assert "figure" in run.stdout and "vs baseline" in run.stdout
@@ -179,6 +183,62 @@ def test_gae_is_compared_with_rlax_output_for_output():
     assert advantages.baseline == "rlax 2x16"
     assert advantages.floor_work == targets.gae_bytes(2, 16, outputs=1)
     assert advantages.floor_work < both.floor_work
+
+
+def _rlax_of_loops(shift=1):
+    """rlax's multistep returns for one row, written as its docstrings state them:
+    ``v_t`` is the value after step t. ``shift=0`` misreads it as the value at t."""
+
+    def next_values(v):
+        return v if shift else jnp.concatenate([v[:1], v[:-1]])
+
+    def lambda_returns(r, d, v, lambda_=1.0, stop_target_gradients=False):
+        v = next_values(jnp.broadcast_to(v, r.shape))
+        returns, g = [], v[-1]
+        for t in reversed(range(r.shape[0])):
+            g = r[t] + d[t] * ((1 - lambda_) * v[t] + lambda_ * g)
+            returns.insert(0, g)
+        return jnp.stack(returns)
+
+    def n_step_bootstrapped_returns(r, d, v, n, lambda_t=1.0, stop_target_gradients=False):
+        v, horizon, returns = next_values(v), r.shape[0], []
+        for t in range(horizon):
+            g = v[min(t + n, horizon) - 1]
+            for k in reversed(range(t, min(t + n, horizon))):
+                g = r[k] + d[k] * g
+            returns.append(g)
+        return jnp.stack(returns)
+
+    return types.SimpleNamespace(
+        lambda_returns=lambda_returns,
+        n_step_bootstrapped_returns=n_step_bootstrapped_returns,
+        discounted_returns=functools.partial(lambda_returns, lambda_=1.0),
+    )
+
+
+def test_returns_are_compared_with_rlax_on_its_inputs_output_for_output():
+    figures = targets.compare_returns(2, 16, repeats=1, rlax=_rlax_of_loops())
+    baselines = {f.name.rsplit(", per-step", 1)[0]: f.baseline for f in figures}
+    assert baselines == {
+        "td_targets": "rlax n-step n=1 2x16",
+        f"n_step_targets n={targets.RETURNS_N}": f"rlax n-step n={targets.RETURNS_N} 2x16",
+        "lambda_returns auto": "rlax lambda_returns 2x16",
+        "discounted_returns auto": "rlax discounted_returns 2x16",
+    }
+    assert all(f.rounds == 1 and f.floor == hardware.MEMORY for f in figures)
+    # Rewards, values and discounts read, the targets written; no values for the returns.
+    assert [f.floor_work for f in figures] == [targets.gae_bytes(2, 16, outputs=1)] * 3 + [
+        targets.gae_bytes(2, 16, per_step_inputs=2, outputs=1)
+    ]
+    # Inputs that do not line up with rlax's are caught before anything is timed.
+    with pytest.raises(AssertionError, match="td_targets, rlax n-step n=1"):
+        targets.compare_returns(2, 16, repeats=1, rlax=_rlax_of_loops(shift=0))
+
+
+def test_returns_without_rlax_are_held_against_their_floor_alone():
+    figures = targets.compare_returns(2, 16, repeats=1, rlax=None)
+    assert len(figures) == 4
+    assert all(f.baseline is None and f.floor_work > 0 for f in figures)
 
 
 def test_floor_fraction_is_the_floor_time_over_the_measured_time():

@@ -1,4 +1,4 @@
-"""GAE: valuefn's methods against PyTorch and NumPy loops and rlax.
+"""Target kernels: GAE against PyTorch and NumPy loops and rlax, the other targets against rlax.
 
 Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
 ``T / 2`` to ``T`` tokens, right-padded to ``T`` and masked):
@@ -20,6 +20,11 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
   returns only the advantages, so XLA drops the returns) against rlax alone,
   and ``gae auto, ...`` (advantages and returns, what a critic trains on)
   against rlax plus ``advantages + values``.
+- ``td_targets``, ``n_step_targets`` (n = 5), ``lambda_returns`` and
+  ``discounted_returns`` on the same inputs, each against rlax's counterpart
+  vmapped (``n_step_bootstrapped_returns`` with n = 1 for the one-step
+  targets) when rlax is installed; floor: the ``[B, T]`` inputs read and the
+  targets written.
 
 The compared calls are timed in turn, each timed call straight after an
 untimed call of the same function, as the update steps are (see
@@ -49,6 +54,7 @@ from valuefn.bench.figures import Figure, Timing, measure_many, optional, timed
 from valuefn.bench.hardware import MEMORY
 
 GAMMA, LAMBDA = 0.99, 0.95
+RETURNS_N = 5  # the horizon of the n-step targets timed
 SHAPES = ((64, 1024), (8, 8192), (256, 4096))
 QUICK_SHAPES = ((4, 64),)
 MAP_CPU = ((1, 64), (1, 1024), (1, 8192), (64, 64), (64, 1024), (64, 8192), (1024, 1024))
@@ -233,6 +239,75 @@ def compare_shape(
     return figures
 
 
+def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Figure]:
+    """valuefn's other target kernels at one shape, on the inputs rlax takes
+    (per-step discounts, no mask), against rlax's, vmapped over the batch.
+
+    One-step targets are held against rlax's n-step returns with n = 1. Each pair
+    is checked to agree before it is timed. Without rlax the kernels are timed
+    against their floor alone."""
+    rewards, values, bootstrap, _ = make_inputs(batch, horizon)
+    r, v, b = (jnp.asarray(x) for x in (rewards, values, bootstrap))
+    d = jnp.full((batch, horizon), GAMMA, jnp.float32)
+    partial = functools.partial
+    # name: (valuefn's function, its [B, T] and [B] inputs)
+    ours = {
+        "td_targets": (valuefn.td_targets, (r, v, d, b)),
+        f"n_step_targets n={RETURNS_N}": (
+            partial(valuefn.n_step_targets, n=RETURNS_N),
+            (r, v, d, b),
+        ),
+        "lambda_returns auto": (partial(valuefn.lambda_returns, lambda_=LAMBDA), (r, v, d, b)),
+        "discounted_returns auto": (valuefn.discounted_returns, (r, d, b)),
+    }
+    calls = {name: partial(jax.jit(fn), *args) for name, (fn, args) in ours.items()}
+    # name: (rlax's name, its function of one row, its inputs)
+    theirs = {}
+    if rlax is not None:
+        next_values = jnp.concatenate([v[:, 1:], b[:, None]], axis=1)  # rlax's v_t
+        n_step = rlax.n_step_bootstrapped_returns
+        theirs = {
+            "td_targets": ("rlax n-step n=1", partial(n_step, n=1), (r, d, next_values)),
+            f"n_step_targets n={RETURNS_N}": (
+                f"rlax n-step n={RETURNS_N}",
+                partial(n_step, n=RETURNS_N),
+                (r, d, next_values),
+            ),
+            "lambda_returns auto": (
+                "rlax lambda_returns",
+                partial(rlax.lambda_returns, lambda_=LAMBDA),
+                (r, d, next_values),
+            ),
+            "discounted_returns auto": (
+                "rlax discounted_returns",
+                rlax.discounted_returns,
+                (r, d, b),
+            ),
+        }
+    for name, (baseline, row, args) in theirs.items():
+        calls[baseline] = partial(jax.jit(jax.vmap(row)), *args)
+        np.testing.assert_allclose(
+            calls[name](), calls[baseline](), rtol=1e-4, atol=1e-4, err_msg=f"{name}, {baseline}"
+        )
+    timings = measure_many(calls, repeats=repeats, back_to_back=True)
+    shape = f"{batch}x{horizon}"
+    return [
+        timed(
+            f"{name}, per-step discounts, no mask {shape}",
+            timings[name],
+            against=(f"{theirs[name][0]} {shape}", timings[theirs[name][0]])
+            if name in theirs
+            else None,
+            work=batch * horizon,
+            work_unit="steps",
+            floor=MEMORY,
+            # The [B, T] inputs read, the targets written.
+            floor_work=gae_bytes(batch, horizon, per_step_inputs=len(args) - 1, outputs=1),
+        )
+        for name, (_, args) in ours.items()
+    ]
+
+
 def _with_returns(advantages, extended_values):
     return advantages, advantages + extended_values[:, :-1]
 
@@ -366,6 +441,7 @@ def run(quick: bool) -> list[Figure]:
         figures += compare_shape(
             batch, horizon, repeats=repeats, torch=torch, rlax=rlax, gae_methods=gae_methods
         )
+        figures += compare_returns(batch, horizon, repeats=repeats, rlax=rlax)
     if quick:
         grid = QUICK_MAP
     else:
