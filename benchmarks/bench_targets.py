@@ -1,4 +1,4 @@
-"""GAE kernels: scan and associative against PyTorch and NumPy loops and rlax.
+"""Target kernels: GAE against PyTorch and NumPy loops and rlax, the other targets against rlax.
 
 Run from the repository root: python -m benchmarks.bench_targets [--quick]
 
