@@ -286,8 +286,9 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         }
     for name, (baseline, row, args) in theirs.items():
         calls[baseline] = partial(jax.jit(jax.vmap(row)), *args)
+        # Misaligned inputs would differ by the size of a reward; rounding, by far less.
         np.testing.assert_allclose(
-            calls[name](), calls[baseline](), rtol=1e-4, atol=1e-4, err_msg=f"{name}, {baseline}"
+            calls[name](), calls[baseline](), rtol=1e-3, atol=1e-3, err_msg=f"{name}, {baseline}"
         )
     timings = measure_many(calls, repeats=repeats, back_to_back=True)
     shape = f"{batch}x{horizon}"
