@@ -305,15 +305,21 @@ def _next_of_recursion(
 
 
 def _shift_left(x: Array, last: Array) -> Array:
-    """``x[..., t + 1]`` along the last axis, ``last[...]`` at the end.
+    """``x[..., t + 1]`` along the last axis, ``last[...]`` at the end."""
+    return _shifted(x, 1, last[..., None])
+
+
+def _shifted(x: Array, k: int, fill: ArrayLike) -> Array:
+    """``x[..., t + k]`` along the last axis, ``fill`` past the end.
 
     A pad, which XLA fuses into the arithmetic that reads it; a concatenate is
     copied out first, a pass over the array that costs about 10% of a GAE call.
     """
-    widths = [(0, 0, 0)] * (x.ndim - 1) + [(-1, 1, 0)]
+    if k == 0:
+        return x
+    widths = [(0, 0, 0)] * (x.ndim - 1) + [(-k, k, 0)]
     shifted = jax.lax.pad(x, jnp.zeros((), x.dtype), widths)
-    at_end = jnp.arange(x.shape[-1]) == x.shape[-1] - 1
-    return jnp.where(at_end, last[..., None], shifted)
+    return jnp.where(jnp.arange(x.shape[-1]) >= x.shape[-1] - k, fill, shifted)
 
 
 def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
@@ -741,6 +747,11 @@ def n_step_targets(
         raise ValueError(f"n must be a Python int >= 1, got {n!r}")
     checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
 
+    horizon = checked.rewards.shape[-1]
+    steps_summed = min(int(n), horizon)  # more steps than the sequence has add nothing
+    if checked.mask is None and steps_summed <= _N_STEP_UNROLLED:
+        return _finish(_n_step_unrolled(_prepare(checked), steps_summed), stop_target_gradients)
+
     def solve(prefix: bool) -> Array:
         steps = _prepare(checked, prefix=prefix)
         one_step = steps.rewards + steps.discounts * steps.next_values
@@ -752,11 +763,33 @@ def n_step_targets(
                 next_returns = _at_next(returns, steps.bootstrap_value, steps.next_index)
             return one_step + steps.chain * (next_returns - steps.next_values)
 
-        horizon = steps.rewards.shape[-1]
-        targets = jax.lax.fori_loop(0, min(int(n), horizon), body, steps.values)
+        targets = jax.lax.fori_loop(0, steps_summed, body, steps.values)
         return jnp.where(steps.valid, targets, 0.0)
 
     return _finish(_by_mask_layout(checked, solve), stop_target_gradients)
+
+
+# Without a mask, n-step targets up to this n are one pass over the arrays
+# (_n_step_unrolled): 1.5x to 3x faster on XLA:CPU than n passes for n = 2 to 6.
+# From n = 8 on XLA's fusion of the unrolled steps is slower than the passes.
+_N_STEP_UNROLLED = 6
+
+
+def _n_step_unrolled(steps: _Steps, n: int) -> Array:
+    """n-step targets without a mask as one expression of the inputs shifted by
+    0 to n steps, which XLA fuses into one pass: ``y = a_t + c_t y_{t+1}``
+    unrolled from ``V(s_{t+n})``, with ``a_t`` the reward (plus the discounted
+    final value at a truncation), ``c_t`` the discount into the next step, and
+    the bootstrap value from the end of the sequence on. (The steps still in
+    the sequence are picked by the shifted mask of valid steps, all true here:
+    XLA folds it, where an index comparison ran at half the speed.)"""
+    last = steps.bootstrap_value[..., None]
+    gain = steps.rewards + (steps.discounts - steps.chain) * steps.next_values
+    targets = _shifted(steps.values, n, last)
+    for k in reversed(range(n)):
+        step = _shifted(gain, k, 0.0) + _shifted(steps.chain, k, 0.0) * targets
+        targets = jnp.where(_shifted(steps.valid, k, False), step, last)
+    return targets
 
 
 def gae(
