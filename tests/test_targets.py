@@ -158,6 +158,17 @@ def test_td_targets_match_reference(inputs):
     np.testing.assert_allclose(call(vf.td_targets, inputs), call(ref.td_targets, inputs), **TOL)
 
 
+@pytest.mark.parametrize("n", range(1, 10))
+def test_n_step_targets_without_a_mask_match_reference_on_either_side_of_one_pass(n):
+    """Up to ``_N_STEP_UNROLLED`` steps without a mask are one fused pass of shifted
+    reads, more are a loop of passes; both against the reference, truncations
+    and the sequence's end inside the n steps."""
+    assert 1 < vf.targets._N_STEP_UNROLLED < 9
+    inputs = make_episode((3, 40), seed=n, masked=False, truncations=True)
+    got = jax.jit(functools.partial(call, vf.n_step_targets, n=n))(inputs)
+    np.testing.assert_allclose(got, call(ref.n_step_targets, inputs, n), **TOL)
+
+
 @PROPERTY_SETTINGS
 @given(inputs=episodes())
 def test_td_errors_match_reference(inputs):
