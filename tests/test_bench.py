@@ -250,6 +250,31 @@ def test_floor_fraction_is_the_floor_time_over_the_measured_time():
     assert hardware.floor_fraction(figure, rates) == pytest.approx(0.5)  # 2 s of 4 s
 
 
+@pytest.mark.parametrize(
+    ("device_kind", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("TPU v4", 275),
+        ("TPU v5 lite", 197),
+        ("TPU v5", 459),
+        ("TPU v6 lite", 918),
+        ("TPU v4 lite", None),
+        ("cpu", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_datasheet_peak_is_the_chip_of_the_device_kind(device_kind, tflops):
+    """MFU divides by this: a PCIe part must not get its SXM namesake's peak,
+    nor an inference TPU its training namesake's."""
+    peak = hardware.datasheet_bf16(device_kind)
+    assert peak == (None if tflops is None else tflops * 1e12)
+
+
 def test_measure_many_times_every_function_each_round_in_a_new_order():
     calls = []
     timings = measure_many(

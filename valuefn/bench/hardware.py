@@ -26,17 +26,32 @@ from valuefn.bench.figures import Figure, measure, timed
 MEMORY = "memory bandwidth"
 MATMUL = {"float32": "matmul float32", "bfloat16": "matmul bfloat16"}
 PEAK_BF16 = "peak bfloat16"
-# Dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' datasheets, by a
-# substring of ``jax.Device.device_kind``; the SXM parts' figures.
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (no sparsity) bf16 FLOP/s of one chip from the vendors' datasheets. NVIDIA
+# parts by the first substring of ``jax.Device.device_kind`` that matches (the
+# PCIe and NVL parts before the SXM figure of their name, which also serves
+# GH200), TPUs by the whole of it ("TPU v5 lite" is v5e, "TPU v5" v5p).
+DATASHEET_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
 
 
 def datasheet_bf16(device_kind: str) -> float | None:
     """The datasheet dense bf16 FLOP/s of ``device_kind``, or None if unknown."""
-    for name, rate in DATASHEET_BF16.items():
-        if name in device_kind:
-            return rate
-    return None
+    if device_kind.startswith("TPU"):
+        return DATASHEET_BF16.get(device_kind)
+    return next((rate for name, rate in DATASHEET_BF16.items() if name in device_kind), None)
 
 
 def _sizes(quick: bool) -> tuple[int, int]:

@@ -15,7 +15,7 @@ it twice as slow on a shared 2-core machine). Figures:
   loop over shuffled minibatches in PyTorch;
 - one bf16 step of a GPT-2-small-shaped critic (d_model 768, 12 layers, 12
   heads, vocab 50257: 124M parameters at 1024 positions), JAX only, held
-  against the datasheet bf16 peak on a known GPU (model FLOP utilisation) or
+  against the datasheet bf16 peak on a known GPU or TPU (model FLOP utilisation) or
   the measured bf16 matmul rate elsewhere; and the same step with its blocks
   run by one scan (``TransformerValue(scan_layers=True)``), against the
   unrolled one.
