@@ -158,15 +158,57 @@ def test_td_targets_match_reference(inputs):
     np.testing.assert_allclose(call(vf.td_targets, inputs), call(ref.td_targets, inputs), **TOL)
 
 
-@pytest.mark.parametrize("n", range(1, 10))
-def test_n_step_targets_without_a_mask_match_reference_on_either_side_of_one_pass(n):
-    """Up to ``_N_STEP_UNROLLED`` steps without a mask are one fused pass of shifted
-    reads, more are a loop of passes; both against the reference, truncations
-    and the sequence's end inside the n steps."""
-    assert 1 < vf.targets._N_STEP_UNROLLED < 9
-    inputs = make_episode((3, 40), seed=n, masked=False, truncations=True)
+# Either side of the n up to which n-step targets are one fused pass: by the rows'
+# lengths without truncations (no mask or a right-padded one), by the shifted
+# valid steps with truncations and no mask; beyond, and under a mask with gaps, a
+# loop of n passes.
+N_STEP_EDGES = (
+    1,
+    2,
+    vf.targets._N_STEP_UNROLLED,
+    vf.targets._N_STEP_UNROLLED + 1,
+    vf.targets._N_STEP_BY_LENGTHS,
+    vf.targets._N_STEP_BY_LENGTHS + 1,
+)
+
+
+@pytest.mark.parametrize("n", N_STEP_EDGES)
+@pytest.mark.parametrize("masked", [False, "prefix"], ids=["no mask", "right-padded"])
+@pytest.mark.parametrize("truncations", [False, True], ids=["", "truncations"])
+def test_n_step_targets_match_reference_on_either_side_of_one_pass(n, masked, truncations):
+    """Jitted (a right-padded mask is then found by a ``lax.cond``), with the
+    sequence's end and, where given, truncations inside the n steps."""
+    horizon = vf.targets._N_STEP_BY_LENGTHS + 5
+    inputs = make_episode((3, horizon), seed=n, masked=masked, truncations=truncations)
+    if masked:  # rows shorter and longer than n, full, and (for small n) empty
+        lengths = [0, 4, horizon] if n < 4 else [n - 1, n + 2, horizon]
+        inputs["mask"] = np.arange(horizon) < np.array(lengths)[:, None]
     got = jax.jit(functools.partial(call, vf.n_step_targets, n=n))(inputs)
     np.testing.assert_allclose(got, call(ref.n_step_targets, inputs, n), **TOL)
+
+
+@pytest.mark.parametrize("n", [3, vf.targets._N_STEP_BY_LENGTHS])
+def test_n_step_targets_in_one_pass_ignore_junk_past_a_rows_length(n):
+    """NaN on the masked steps of a right-padded mask, which the one pass by the
+    rows' lengths shifts into reach of every step: same targets, and finite
+    gradients that are 0 there when the targets are not stopped."""
+    horizon = n + 4
+    clean = make_episode((3, horizon), seed=n, masked=False, truncations=False)
+    valid = np.arange(horizon) < np.array([1, n - 1, n + 2])[:, None]
+    clean["mask"] = valid
+    junk = dict(clean)
+    for key in ("rewards", "values", "discounts"):
+        junk[key] = np.where(valid, clean[key], np.nan).astype(np.float32)
+    kernel = jax.jit(functools.partial(call, vf.n_step_targets, n=n))
+    np.testing.assert_allclose(kernel(junk), kernel(clean), **TOL)
+
+    def total(values, rewards):
+        inputs = {**junk, "values": values, "rewards": rewards}
+        return jnp.sum(call(vf.n_step_targets, inputs, n, stop_target_gradients=False))
+
+    for grad in jax.jit(jax.grad(total, argnums=(0, 1)))(junk["values"], junk["rewards"]):
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
 
 
 @PROPERTY_SETTINGS

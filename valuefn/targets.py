@@ -749,10 +749,18 @@ def n_step_targets(
 
     horizon = checked.rewards.shape[-1]
     steps_summed = min(int(n), horizon)  # more steps than the sequence has add nothing
+    by_lengths = checked.truncated is None and steps_summed <= _N_STEP_BY_LENGTHS
     if checked.mask is None and steps_summed <= _N_STEP_UNROLLED:
         return _finish(_n_step_unrolled(_prepare(checked), steps_summed), stop_target_gradients)
+    if checked.mask is None and by_lengths:
+        targets = _n_step_by_lengths(checked, steps_summed, horizon)
+        return _finish(targets, stop_target_gradients)
 
     def solve(prefix: bool) -> Array:
+        if prefix and by_lengths and steps_summed > 1:  # one step is one pass anyway
+            valid = jnp.broadcast_to(checked.mask != 0, checked.rewards.shape)
+            length = jnp.sum(valid, axis=-1, dtype=jnp.int32, keepdims=True)
+            return _n_step_by_lengths(checked, steps_summed, length)
         steps = _prepare(checked, prefix=prefix)
         one_step = steps.rewards + steps.discounts * steps.next_values
 
@@ -769,15 +777,48 @@ def n_step_targets(
     return _finish(_by_mask_layout(checked, solve), stop_target_gradients)
 
 
-# Without a mask, n-step targets up to this n are one pass over the arrays
-# (_n_step_unrolled): 1.5x to 3x faster on XLA:CPU than n passes for n = 2 to 6.
-# From n = 8 on XLA's fusion of the unrolled steps is slower than the passes.
+# n-step targets are one pass over the arrays, on XLA:CPU faster than a loop of n
+# passes (benchmarks/RESULTS.md, 2026-11-25 23:40):
+# - without a mask, up to this n, by the shifted valid steps (_n_step_unrolled,
+#   truncations too): 1.5x to 3x for n = 2 to 6; from n = 8 on slower;
 _N_STEP_UNROLLED = 6
+# - then, without truncations, without a mask or with one that keeps a prefix
+#   of each row, up to this n, by the rows' lengths (_n_step_by_lengths): 1.6x
+#   to 3.4x without a mask for n = 8 to 64, 1.3x to 3.6x with a right-padded
+#   one for n = 2 to 64; from about n = 120 on XLA splits the fused
+#   expression, 6x to 9x slower than the loop.
+_N_STEP_BY_LENGTHS = 64
+
+
+def _n_step_by_lengths(checked: _Checked, n: int, length: ArrayLike) -> Array:
+    """n-step targets, no truncation, for rows whose valid steps are their first
+    ``length`` (``[..., 1]``, or the horizon without a mask), as one expression
+    of the inputs shifted by 0 to n steps, which XLA fuses into one pass.
+
+    ``y_t = a_t + c_t y_{t+1}``, unrolled from ``V(s_{t+n})``: ``a_t`` is the
+    reward, plus the discounted bootstrap value at a row's last valid step,
+    and ``c_t`` the discount into the next step, 0 from the last valid step
+    on, so that no sum reaches past it. Which steps those are follows from
+    their index and ``length``, not from the mask read at every shift. Inputs
+    past ``length`` are replaced by 0, so junk there changes nothing.
+    """
+    rewards, values, discounts, bootstrap_value = checked[:4]
+    t = jnp.arange(rewards.shape[-1])
+    gammas = jnp.broadcast_to(discounts, rewards.shape)
+    targets = jnp.where(t + n < length, _shifted(values, n, 0.0), 0.0)
+    for k in reversed(range(n)):
+        gamma, step = _shifted(gammas, k, 0.0), t + k
+        gain = _shifted(rewards, k, 0.0) + jnp.where(
+            step == length - 1, gamma * bootstrap_value[..., None], 0.0
+        )
+        chain = jnp.where(step < length - 1, gamma, 0.0)
+        targets = jnp.where(step < length, gain, 0.0) + chain * targets
+    return jnp.where(t < length, targets, 0.0)
 
 
 def _n_step_unrolled(steps: _Steps, n: int) -> Array:
-    """n-step targets without a mask as one expression of the inputs shifted by
-    0 to n steps, which XLA fuses into one pass: ``y = a_t + c_t y_{t+1}``
+    """n-step targets without a mask, with truncations, as one expression of the
+    inputs shifted by 0 to n steps, which XLA fuses into one pass: ``y = a_t + c_t y_{t+1}``
     unrolled from ``V(s_{t+n})``, with ``a_t`` the reward (plus the discounted
     final value at a truncation), ``c_t`` the discount into the next step, and
     the bootstrap value from the end of the sequence on. (The steps still in
