@@ -158,6 +158,24 @@ def test_td_targets_match_reference(inputs):
     np.testing.assert_allclose(call(vf.td_targets, inputs), call(ref.td_targets, inputs), **TOL)
 
 
+def assert_derivatives_are_the_linear_map(targets, inputs, tangents, expected, *, seed):
+    """``targets(*arrays)``, linear in the arrays named by ``tangents`` (a dict of
+    directions), has ``expected`` as its derivative in those directions at
+    ``inputs``, and its reverse mode is the transpose: ``<vjp(c), d> = <c, jvp(d)>``."""
+    primals = tuple(inputs[key] for key in tangents)
+    directions = tuple(tangents.values())
+    _, derivative = jax.jvp(targets, primals, directions)
+    np.testing.assert_allclose(derivative, expected, **TOL)
+    cotangent = np.random.default_rng(seed).normal(size=np.shape(expected)).astype(np.float32)
+    _, pullback = jax.vjp(targets, *primals)
+    forward = np.sum(cotangent * np.asarray(derivative, np.float64))
+    backward = sum(
+        np.sum(np.asarray(g, np.float64) * d)
+        for g, d in zip(pullback(cotangent), directions, strict=True)
+    )
+    np.testing.assert_allclose(backward, forward, rtol=1e-4)
+
+
 # Either side of the n up to which n-step targets are one fused pass: by the rows'
 # lengths without truncations (no mask or a right-padded one), by the shifted
 # valid steps with truncations and no mask; beyond, and under a mask with gaps, a
@@ -209,6 +227,25 @@ def test_n_step_targets_in_one_pass_ignore_junk_past_a_rows_length(n):
     for grad in jax.jit(jax.grad(total, argnums=(0, 1)))(junk["values"], junk["rewards"]):
         assert np.all(np.isfinite(grad))
         np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+
+
+@pytest.mark.parametrize(("n", "masked"), [(3, "prefix"), (7, False), (7, "prefix")])
+def test_n_step_targets_in_one_pass_differentiate_as_the_reference(n, masked):
+    """Unstopped, the one pass by the rows' lengths is linear in rewards, values
+    and the bootstrap value: forward mode is the reference applied to the
+    direction, and reverse mode its transpose."""
+    shape = (3, n + 5)
+    inputs = make_episode(shape, seed=n, masked=masked, truncations=False)
+    direction = make_episode(shape, seed=n + 10)
+    keys = ("rewards", "values", "bootstrap_value")
+
+    def targets(*arrays):
+        changed = {**inputs, **dict(zip(keys, arrays, strict=True))}
+        return call(vf.n_step_targets, changed, n, stop_target_gradients=False)
+
+    tangents = {key: direction[key] for key in keys}
+    expected = call(ref.n_step_targets, {**inputs, **tangents}, n)
+    assert_derivatives_are_the_linear_map(targets, inputs, tangents, expected, seed=n)
 
 
 @PROPERTY_SETTINGS
@@ -891,20 +928,9 @@ def test_unstopped_derivatives_over_several_blocks(name, method, masked):
         changed = {**inputs, **dict(zip(keys, arrays, strict=True))}
         return call(kernel, changed, method=method, stop_target_gradients=False)
 
-    primals = tuple(inputs[key] for key in keys)
-    tangents = tuple(direction[key] for key in keys)
-    _, derivative = jax.jvp(targets, primals, tangents)
-    expected = call(reference, {**inputs, **dict(zip(keys, tangents, strict=True))})
-    np.testing.assert_allclose(derivative, expected, **TOL)
-
-    cotangent = np.random.default_rng(5).normal(size=shape).astype(np.float32)
-    _, pullback = jax.vjp(targets, *primals)
-    forward = np.sum(cotangent * np.asarray(derivative, np.float64))
-    backward = sum(
-        np.sum(np.asarray(g, np.float64) * t)
-        for g, t in zip(pullback(cotangent), tangents, strict=True)
-    )
-    np.testing.assert_allclose(backward, forward, rtol=1e-4)
+    tangents = {key: direction[key] for key in keys}
+    expected = call(reference, {**inputs, **tangents})
+    assert_derivatives_are_the_linear_map(targets, inputs, tangents, expected, seed=5)
 
 
 def test_pallas_derivatives_in_lambda_and_discounts_match_scan():

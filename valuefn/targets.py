@@ -817,7 +817,7 @@ def _n_step_by_lengths(checked: _Checked, n: int, length: ArrayLike) -> Array:
 
 
 def _n_step_unrolled(steps: _Steps, n: int) -> Array:
-    """n-step targets without a mask, with truncations, as one expression of the
+    """n-step targets without a mask (truncations too) as one expression of the
     inputs shifted by 0 to n steps, which XLA fuses into one pass: ``y = a_t + c_t y_{t+1}``
     unrolled from ``V(s_{t+n})``, with ``a_t`` the reward (plus the discounted
     final value at a truncation), ``c_t`` the discount into the next step, and
