@@ -73,7 +73,7 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     returns = [
         f for f in results["figures"] if f["name"].startswith(("td_", "n_step", "lambda_r", "disc"))
     ]
-    assert len(returns) == 4 and all(f["floor"] for f in returns)
+    assert len(returns) == 5 and all(f["floor"] for f in returns)
     stages = [f for f in results["figures"] if f["name"].startswith("iteration stage")]
     assert stages and all("wins" not in f["baseline"] for f in stages)
     assert "figure" in run.stdout and "vs baseline" in run.stdout
@@ -218,6 +218,12 @@ def _rlax_of_loops(shift=1):
 
 def test_returns_are_compared_with_rlax_on_its_inputs_output_for_output():
     figures = targets.compare_returns(2, 16, repeats=1, rlax=_rlax_of_loops())
+    *figures, masked = figures
+    assert (
+        masked.name
+        == f"n_step_targets n={targets.RETURNS_N}, per-step discounts, right-padded mask 2x16"
+    )
+    assert masked.baseline == figures[1].name  # the same targets without the mask
     baselines = {f.name.rsplit(", per-step", 1)[0]: f.baseline for f in figures}
     assert baselines == {
         "td_targets": "rlax n-step n=1 2x16",
@@ -236,9 +242,10 @@ def test_returns_are_compared_with_rlax_on_its_inputs_output_for_output():
 
 
 def test_returns_without_rlax_are_held_against_their_floor_alone():
-    figures = targets.compare_returns(2, 16, repeats=1, rlax=None)
+    *figures, masked = targets.compare_returns(2, 16, repeats=1, rlax=None)
     assert len(figures) == 4
     assert all(f.baseline is None and f.floor_work > 0 for f in figures)
+    assert masked.baseline == figures[1].name and masked.floor_work > 0
 
 
 def test_floor_fraction_is_the_floor_time_over_the_measured_time():

@@ -25,6 +25,9 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
   vmapped (``n_step_bootstrapped_returns`` with n = 1 for the one-step
   targets) when rlax is installed; floor: the ``[B, T]`` inputs read and the
   targets written.
+- ``n_step_targets n=5, per-step discounts, right-padded mask``: the same
+  with the right-padded mask (the path that sums by the rows' lengths),
+  against the unmasked call of the same run: what the mask costs.
 
 The compared calls are timed in turn, each timed call straight after an
 untimed call of the same function, as the update steps are (see
@@ -63,6 +66,7 @@ MAP_GPU = tuple(
 )
 QUICK_MAP = ((2, 32),)
 GAPS = "gae auto, mask with gaps"
+MASKED_N_STEP = "n_step_targets, right-padded mask"
 NO_MASK = "gae auto, per-step discounts, no mask"
 NO_MASK_ADVANTAGES = "gae auto advantages, per-step discounts, no mask"
 # (backend, chunk, rows) of the Pallas kernels swept on a GPU, and the shape
@@ -245,9 +249,10 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
 
     One-step targets are held against rlax's n-step returns with n = 1. Each pair
     is checked to agree before it is timed. Without rlax the kernels are timed
-    against their floor alone."""
-    rewards, values, bootstrap, _ = make_inputs(batch, horizon)
-    r, v, b = (jnp.asarray(x) for x in (rewards, values, bootstrap))
+    against their floor alone. The n-step targets under the right-padded mask
+    are held against the unmasked ones."""
+    rewards, values, bootstrap, mask = make_inputs(batch, horizon)
+    r, v, b, m = (jnp.asarray(x) for x in (rewards, values, bootstrap, mask))
     d = jnp.full((batch, horizon), GAMMA, jnp.float32)
     partial = functools.partial
     # name: (valuefn's function, its [B, T] and [B] inputs)
@@ -261,6 +266,13 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         "discounted_returns auto": (valuefn.discounted_returns, (r, d, b)),
     }
     calls = {name: partial(jax.jit(fn), *args) for name, (fn, args) in ours.items()}
+
+    def masked_n_step(rewards, values, discounts, bootstrap_value, mask):
+        return valuefn.n_step_targets(
+            rewards, values, discounts, bootstrap_value, RETURNS_N, mask=mask
+        )
+
+    calls[MASKED_N_STEP] = partial(jax.jit(masked_n_step), r, v, d, b, m)
     # name: (rlax's name, its function of one row, its inputs)
     theirs = {}
     if rlax is not None:
@@ -292,21 +304,33 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         )
     timings = measure_many(calls, repeats=repeats, back_to_back=True)
     shape = f"{batch}x{horizon}"
-    return [
-        timed(
-            f"{name}, per-step discounts, no mask {shape}",
-            timings[name],
-            against=(f"{theirs[name][0]} {shape}", timings[theirs[name][0]])
-            if name in theirs
-            else None,
+
+    def figure(name: str, call: str, against: tuple[str, str] | None, per_step_inputs: int):
+        """``against``: the baseline's name and its call, or None."""
+        return timed(
+            f"{name} {shape}",
+            timings[call],
+            against=(f"{against[0]} {shape}", timings[against[1]]) if against else None,
             work=batch * horizon,
             work_unit="steps",
             floor=MEMORY,
             # The [B, T] inputs read, the targets written.
-            floor_work=gae_bytes(batch, horizon, per_step_inputs=len(args) - 1, outputs=1),
+            floor_work=gae_bytes(batch, horizon, per_step_inputs=per_step_inputs, outputs=1),
+        )
+
+    figures = [
+        figure(
+            f"{name}, per-step discounts, no mask",
+            name,
+            (theirs[name][0], theirs[name][0]) if name in theirs else None,  # keyed by name
+            len(args) - 1,
         )
         for name, (_, args) in ours.items()
     ]
+    n_step = f"n_step_targets n={RETURNS_N}"
+    unmasked = (f"{n_step}, per-step discounts, no mask", n_step)
+    masked = figure(f"{n_step}, per-step discounts, right-padded mask", MASKED_N_STEP, unmasked, 4)
+    return [*figures, masked]
 
 
 def _with_returns(advantages, extended_values):
