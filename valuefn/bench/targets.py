@@ -255,13 +255,11 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
     r, v, b, m = (jnp.asarray(x) for x in (rewards, values, bootstrap, mask))
     d = jnp.full((batch, horizon), GAMMA, jnp.float32)
     partial = functools.partial
+    n_step = f"n_step_targets n={RETURNS_N}"
     # name: (valuefn's function, its [B, T] and [B] inputs)
     ours = {
         "td_targets": (valuefn.td_targets, (r, v, d, b)),
-        f"n_step_targets n={RETURNS_N}": (
-            partial(valuefn.n_step_targets, n=RETURNS_N),
-            (r, v, d, b),
-        ),
+        n_step: (partial(valuefn.n_step_targets, n=RETURNS_N), (r, v, d, b)),
         "lambda_returns auto": (partial(valuefn.lambda_returns, lambda_=LAMBDA), (r, v, d, b)),
         "discounted_returns auto": (valuefn.discounted_returns, (r, d, b)),
     }
@@ -277,12 +275,12 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
     theirs = {}
     if rlax is not None:
         next_values = jnp.concatenate([v[:, 1:], b[:, None]], axis=1)  # rlax's v_t
-        n_step = rlax.n_step_bootstrapped_returns
+        rlax_n_step = rlax.n_step_bootstrapped_returns
         theirs = {
-            "td_targets": ("rlax n-step n=1", partial(n_step, n=1), (r, d, next_values)),
-            f"n_step_targets n={RETURNS_N}": (
+            "td_targets": ("rlax n-step n=1", partial(rlax_n_step, n=1), (r, d, next_values)),
+            n_step: (
                 f"rlax n-step n={RETURNS_N}",
-                partial(n_step, n=RETURNS_N),
+                partial(rlax_n_step, n=RETURNS_N),
                 (r, d, next_values),
             ),
             "lambda_returns auto": (
@@ -327,7 +325,6 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         )
         for name, (_, args) in ours.items()
     ]
-    n_step = f"n_step_targets n={RETURNS_N}"
     unmasked = (f"{n_step}, per-step discounts, no mask", n_step)
     masked = figure(f"{n_step}, per-step discounts, right-padded mask", MASKED_N_STEP, unmasked, 4)
     return [*figures, masked]
