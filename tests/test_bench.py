@@ -17,7 +17,7 @@ import pytest
 from valuefn import cli
 from valuefn.bench import figures, hardware, suite, targets
 from valuefn.bench.figures import Figure, Timing, measure_many, timed
-from valuefn.targets import _keeps_prefix
+from valuefn.targets import _keeps_one_run
 
 
 def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
@@ -164,10 +164,10 @@ def test_gae_figures_take_the_right_padded_and_the_general_masked_paths():
     _, _, _, mask = targets.make_inputs(64, 256)
     lengths = mask.sum(axis=1)
     assert lengths.min() >= 128 and lengths.max() <= 256 and len(set(lengths)) > 1
-    assert bool(_keeps_prefix(jnp.asarray(mask != 0)))
+    assert bool(_keeps_one_run(jnp.asarray(mask != 0)))
     gaps = targets.with_gaps(mask)
     assert np.all(gaps <= mask) and 0.05 < 1 - gaps.sum() / mask.sum() < 0.15
-    assert not bool(_keeps_prefix(jnp.asarray(gaps != 0)))
+    assert not bool(_keeps_one_run(jnp.asarray(gaps != 0)))
 
 
 def test_gae_is_compared_with_rlax_output_for_output():

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import valuefn as vf
 from valuefn import _pallas_gae
 from valuefn._pallas_scan import reverse_linear_pallas
-from valuefn.targets import _keeps_prefix
+from valuefn.targets import _keeps_one_run
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # Few shapes: each new shape costs a compilation. Unbatched, batched, two batch
@@ -38,7 +38,9 @@ def make_episode(
     """Random kernel inputs as a dict of keyword arguments (absent ones omitted).
 
     ``masked="prefix"`` gives a right-padded mask: each row keeps its first
-    ``n`` steps, ``n`` drawn from 0 to T.
+    ``n`` steps, ``n`` drawn from 0 to T. ``masked="run"`` keeps one run of
+    steps ``s <= t < e`` in each row, ``0 <= s <= e <= T`` drawn (left-padded,
+    right-padded, both or neither).
     """
     rng = np.random.default_rng(seed)
 
@@ -58,6 +60,11 @@ def make_episode(
     if masked == "prefix":
         lengths = rng.integers(0, shape[-1] + 1, size=shape[:-1])
         inputs["mask"] = np.arange(shape[-1]) < lengths[..., None]
+    elif masked == "run":
+        ends = rng.integers(0, shape[-1] + 1, size=shape[:-1])
+        starts = rng.integers(0, ends + 1)
+        steps = np.arange(shape[-1])
+        inputs["mask"] = (steps >= starts[..., None]) & (steps < ends[..., None])
     elif masked:
         inputs["mask"] = rng.random(shape) < rng.choice([0.3, 0.7, 1.0])
     if truncations:
@@ -71,7 +78,7 @@ def episodes(draw):
     return make_episode(
         draw(st.sampled_from(SHAPES)),
         draw(st.integers(0, 2**32 - 1)),
-        masked=draw(st.sampled_from([False, True, "prefix"])),
+        masked=draw(st.sampled_from([False, True, "prefix", "run"])),
         truncations=draw(st.booleans()),
         per_step_discounts=draw(st.booleans()),
     )
@@ -176,43 +183,59 @@ def assert_derivatives_are_the_linear_map(targets, inputs, tangents, expected, *
     np.testing.assert_allclose(backward, forward, rtol=1e-4)
 
 
-# Either side of the n up to which n-step targets are one fused pass: by the rows'
-# lengths without truncations (no mask or a right-padded one), by the shifted
-# valid steps with truncations and no mask; beyond, and under a mask with gaps, a
-# loop of n passes.
+# Either side of the n up to which n-step targets are one fused pass: by the runs'
+# bounds without truncations (no mask, or valid steps in one run in each row), by
+# the shifted valid steps with truncations and no mask; beyond, and under a mask
+# with gaps, a loop of n passes.
 N_STEP_EDGES = (
     1,
     2,
     vf.targets._N_STEP_UNROLLED,
     vf.targets._N_STEP_UNROLLED + 1,
-    vf.targets._N_STEP_BY_LENGTHS,
-    vf.targets._N_STEP_BY_LENGTHS + 1,
+    vf.targets._N_STEP_IN_RUN,
+    vf.targets._N_STEP_IN_RUN + 1,
 )
 
 
+def one_run_per_row(horizon, bounds):
+    """A mask that keeps steps ``s <= t < e`` of row i, ``(s, e) = bounds[i]``."""
+    starts, ends = np.array(bounds).T[:, :, None]
+    return (np.arange(horizon) >= starts) & (np.arange(horizon) < ends)
+
+
+# Valid steps in one run: right-padded, and left- or both-padded.
+LAYOUTS = {"right-padded": (0, 0, 0), "padded both sides": (3, 1, 2)}
+
+
 @pytest.mark.parametrize("n", N_STEP_EDGES)
-@pytest.mark.parametrize("masked", [False, "prefix"], ids=["no mask", "right-padded"])
+@pytest.mark.parametrize("masked", [None, *LAYOUTS], ids=["no mask", *LAYOUTS])
 @pytest.mark.parametrize("truncations", [False, True], ids=["", "truncations"])
 def test_n_step_targets_match_reference_on_either_side_of_one_pass(n, masked, truncations):
-    """Jitted (a right-padded mask is then found by a ``lax.cond``), with the
-    sequence's end and, where given, truncations inside the n steps."""
-    horizon = vf.targets._N_STEP_BY_LENGTHS + 5
-    inputs = make_episode((3, horizon), seed=n, masked=masked, truncations=truncations)
-    if masked:  # rows shorter and longer than n, full, and (for small n) empty
+    """Jitted (a mask in one run is then found by a ``lax.cond``), with the
+    sequence's end, the run's end and, where given, truncations inside the n
+    steps."""
+    horizon = vf.targets._N_STEP_IN_RUN + 8
+    inputs = make_episode((3, horizon), seed=n, masked=False, truncations=truncations)
+    if masked:  # runs shorter and longer than n, to the end, and (small n) empty
         lengths = [0, 4, horizon] if n < 4 else [n - 1, n + 2, horizon]
-        inputs["mask"] = np.arange(horizon) < np.array(lengths)[:, None]
+        starts = LAYOUTS[masked]
+        ends = [min(s + length, horizon) for s, length in zip(starts, lengths, strict=True)]
+        inputs["mask"] = one_run_per_row(horizon, list(zip(starts, ends, strict=True)))
     got = jax.jit(functools.partial(call, vf.n_step_targets, n=n))(inputs)
     np.testing.assert_allclose(got, call(ref.n_step_targets, inputs, n), **TOL)
 
 
-@pytest.mark.parametrize("n", [3, vf.targets._N_STEP_BY_LENGTHS])
-def test_n_step_targets_in_one_pass_ignore_junk_past_a_rows_length(n):
-    """NaN on the masked steps of a right-padded mask, which the one pass by the
-    rows' lengths shifts into reach of every step: same targets, and finite
+@pytest.mark.parametrize("n", [3, vf.targets._N_STEP_IN_RUN])
+@pytest.mark.parametrize("masked", LAYOUTS)
+def test_n_step_targets_in_one_pass_ignore_junk_outside_a_rows_run(n, masked):
+    """NaN on the masked steps of a mask in one run, which the one pass by the
+    runs' bounds shifts into reach of every step: same targets, and finite
     gradients that are 0 there when the targets are not stopped."""
-    horizon = n + 4
+    horizon = n + 7
     clean = make_episode((3, horizon), seed=n, masked=False, truncations=False)
-    valid = np.arange(horizon) < np.array([1, n - 1, n + 2])[:, None]
+    starts = LAYOUTS[masked]
+    lengths = (1, n - 1, n + 2)
+    valid = one_run_per_row(horizon, [(s, s + k) for s, k in zip(starts, lengths, strict=True)])
     clean["mask"] = valid
     junk = dict(clean)
     for key in ("rewards", "values", "discounts"):
@@ -229,9 +252,11 @@ def test_n_step_targets_in_one_pass_ignore_junk_past_a_rows_length(n):
         np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
 
 
-@pytest.mark.parametrize(("n", "masked"), [(3, "prefix"), (7, False), (7, "prefix")])
+@pytest.mark.parametrize(
+    ("n", "masked"), [(3, "prefix"), (7, False), (7, "prefix"), (3, "run"), (7, "run")]
+)
 def test_n_step_targets_in_one_pass_differentiate_as_the_reference(n, masked):
-    """Unstopped, the one pass by the rows' lengths is linear in rewards, values
+    """Unstopped, the one pass by the runs' bounds is linear in rewards, values
     and the bootstrap value: forward mode is the reference applied to the
     direction, and reverse mode its transpose."""
     shape = (3, n + 5)
@@ -723,34 +748,52 @@ def test_gae_over_several_blocks_matches_reference(shape, options):
             assert_gae_matches_reference(kernel(inputs, lambda_=lambda_), inputs, lam)
 
 
-# A right-padded mask (each row keeps a prefix of its steps) takes a shorter path,
-# chosen at run time: the next valid step is the next step or none.
+# A mask whose valid steps are one run in each row (right-padded, left-padded or
+# both) takes a shorter path, chosen at run time: the next valid step is the next
+# step or none.
 
 
-def test_keeps_prefix_answers_for_the_whole_batch():
+def test_keeps_one_run_answers_for_the_whole_batch():
     rng = np.random.default_rng(3)
-    for _ in range(40):
+    for _ in range(60):
         shape = (int(rng.integers(1, 4)), int(rng.integers(1, 7)))
-        valid = make_episode(shape, int(rng.integers(2**32)), masked="prefix")["mask"]
-        if rng.random() < 0.5:  # a gap in one row
+        valid = make_episode(shape, int(rng.integers(2**32)), masked="run")["mask"]
+        if rng.random() < 0.5:  # flip a step of one row: a gap, or a second run
             valid[rng.integers(shape[0]), rng.integers(shape[1])] ^= True
-        expected = all(
-            not (valid[b, t + 1] and not valid[b, t])
+        runs = [
+            sum(valid[b, t] and (t == 0 or not valid[b, t - 1]) for t in range(shape[1]))
             for b in range(shape[0])
-            for t in range(shape[1] - 1)
-        )
-        assert bool(_keeps_prefix(jnp.asarray(valid))) == expected
+        ]
+        expected = max(runs) <= 1
+        assert bool(_keeps_one_run(jnp.asarray(valid))) == expected
         # Under vmap too: one answer for all rows (broadcast to each by vmap).
-        np.testing.assert_array_equal(jax.vmap(_keeps_prefix)(jnp.asarray(valid)), expected)
+        np.testing.assert_array_equal(jax.vmap(_keeps_one_run)(jnp.asarray(valid)), expected)
+
+
+@pytest.mark.parametrize("horizon", [1, 9, 2**15 + 3], ids=["T=1", "T=9", "T=2**15+3"])
+def test_run_bounds_are_the_first_valid_step_and_the_count(horizon):
+    """The bounds of each row's one run, whether they are packed in one sum (T below
+    2**15) or not, for empty rows, rows at either end and full ones."""
+    rng = np.random.default_rng(horizon)
+    valid = make_episode((40, horizon), seed=horizon, masked="run")["mask"]
+    valid[:3] = [np.zeros(horizon, bool), np.ones(horizon, bool), np.arange(horizon) == 0]
+    ends = rng.integers(horizon - 2, horizon + 1, size=5).clip(0)
+    valid[3:8] = np.arange(horizon) >= ends[:, None]  # left-padded, at the end
+    start, length = jax.jit(vf.targets._run_bounds)(jnp.asarray(valid))
+    count = valid.sum(axis=-1)
+    first = np.where(count > 0, np.argmax(valid, axis=-1), 0)
+    np.testing.assert_array_equal(np.asarray(start)[:, 0], first)
+    np.testing.assert_array_equal(np.asarray(length)[:, 0], count)
 
 
 # Horizons over several of the scan's blocks, off the fused Pallas kernels' chunk.
 @pytest.mark.parametrize("shape", [(5, 9), (2, 3, 21)], ids=str)
 @pytest.mark.parametrize("truncations", [False, True])
 @pytest.mark.parametrize("per_step_discounts", [False, True])
+@pytest.mark.parametrize("masked", ["prefix", "run"], ids=["right-padded", "one run"])
 @pytest.mark.parametrize("method", METHODS)
-def test_gae_with_a_right_padded_mask_matches_reference(
-    shape, truncations, per_step_discounts, method
+def test_gae_with_a_mask_in_one_run_matches_reference(
+    shape, truncations, per_step_discounts, method, masked
 ):
     kernel = jax.jit(functools.partial(call, vf.gae, method=method))
     rng = np.random.default_rng(shape[-1])
@@ -761,7 +804,7 @@ def test_gae_with_a_right_padded_mask_matches_reference(
         inputs = make_episode(
             shape,
             seed=seed,
-            masked="prefix",
+            masked=masked,
             truncations=truncations,
             per_step_discounts=per_step_discounts,
         )
@@ -770,7 +813,7 @@ def test_gae_with_a_right_padded_mask_matches_reference(
         assert_gae_matches_reference(kernel(inputs, lambda_=lambda_), inputs, lam)
 
 
-@pytest.mark.parametrize("masked", ["prefix", True], ids=["right-padded", "gaps"])
+@pytest.mark.parametrize("masked", ["prefix", "run", True], ids=["right-padded", "one run", "gaps"])
 @pytest.mark.parametrize("truncations", [False, True])
 @pytest.mark.parametrize("name", ["td_targets", "td_errors", "n_step_targets"])
 def test_td_and_n_step_targets_under_a_mask_match_reference(name, truncations, masked):
@@ -906,18 +949,19 @@ def test_unstopped_derivative_is_the_reference_linear_map(name):
     np.testing.assert_allclose(derivative, expected, **TOL)
 
 
-# Right-padded masks take a path of their own (tested with the scan only: pallas
+# Masks in one run take a path of their own (tested with the scan only: pallas
 # off its fused kernels shares it); a mask with gaps with lambda constant in time
 # takes the lambda-returns' recursion with each method's solver.
 @pytest.mark.parametrize(
     ("method", "masked"),
-    [("scan", True), ("associative", True), ("pallas", True), ("scan", "prefix")],
+    [("scan", True), ("associative", True), ("pallas", True), ("scan", "prefix"), ("scan", "run")],
 )
 @pytest.mark.parametrize("name", ["gae_advantages", "gae_returns", "discounted_returns"])
 def test_unstopped_derivatives_over_several_blocks(name, method, masked):
     """Over blocks of the scan (T = 21, a partial first block), forward mode is the
     reference applied to the direction, and reverse mode is its transpose:
-    ``<vjp(c), d> = <c, jvp(d)>``; with a mask with gaps and a right-padded one."""
+    ``<vjp(c), d> = <c, jvp(d)>``; with a mask with gaps, a right-padded one and
+    one in one run."""
     kernel, reference = KERNELS[name]
     shape = (2, 21)
     inputs = make_episode(shape, seed=5, masked=masked)

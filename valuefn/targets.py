@@ -51,7 +51,7 @@ class _Steps(NamedTuple):
     discounts: Array  # [..., T], 0 on masked steps
     gamma: Array  # discounts as given, float32, broadcastable to [..., T], not masked
     valid: Array  # [..., T] bool
-    masked: bool  # a mask was given that may skip steps (not known to keep a prefix)
+    masked: bool  # a mask was given that may skip steps (not known to keep one run)
     next_values: Array | None  # [..., T] V after step t: final value, next valid value or bootstrap
     chain: Array  # [..., T] discount into the next valid step's return, 0 at truncation
     next_index: Array | None  # [..., T] int32 index of the next valid step (T if none)
@@ -143,7 +143,7 @@ def _prepare(
     *,
     resolve_next: bool = True,
     next_by: str | None = None,
-    prefix: bool = False,
+    one_run: bool = False,
 ) -> _Steps:
     """Aligns the checked inputs.
 
@@ -152,9 +152,9 @@ def _prepare(
     valid value itself (``_masked_gae_scan``) or needs none
     (``_masked_gae_by_returns``). With
     ``next_by``, a method, the next valid value comes from a reverse linear
-    recursion solved by that method and ``next_index`` is None. With ``prefix`` the
-    caller has checked that the mask keeps a prefix of each row's steps
-    (:func:`_keeps_prefix`): the next valid step is the next step or none.
+    recursion solved by that method and ``next_index`` is None. With ``one_run``
+    the caller has checked that the valid steps of each row are one run of
+    steps (:func:`_keeps_one_run`): the next valid step is the next step or none.
     """
     rewards, values, gamma, bootstrap_value, _, _, final_values = checked
     shape = rewards.shape
@@ -166,8 +166,8 @@ def _prepare(
     next_index = next_values = None
     if valid is None:
         next_values = _at_next(values, bootstrap_value, None)
-    elif prefix:
-        next_values = _at_next_in_prefix(values, valid, bootstrap_value)
+    elif one_run:
+        next_values = _at_next_in_run(values, valid, bootstrap_value)
         masked = False
     elif resolve_next and next_by is not None:
         next_values = _next_valid_values(values, bootstrap_value, valid, next_by)
@@ -213,32 +213,34 @@ def _prepare(
 
 
 @jax.custom_batching.custom_vmap
-def _keeps_prefix(valid: Array) -> Array:
-    """Whether ``valid`` (bool ``[..., T]``) keeps a prefix of the steps of each
-    row, as a right-padded batch does: a scalar bool."""
+def _keeps_one_run(valid: Array) -> Array:
+    """Whether the valid steps of each row of ``valid`` (bool ``[..., T]``) are one
+    run of steps or none, as in a right-padded, left-padded or prompt-then-response
+    batch: a scalar bool."""
     valid = jnp.atleast_1d(valid)
-    return jnp.all(valid[..., 1:] <= valid[..., :-1])
+    starts = jnp.sum(valid[..., 1:] > valid[..., :-1], axis=-1) + valid[..., 0]
+    return jnp.all(starts <= 1)
 
 
-@_keeps_prefix.def_vmap
-def _keeps_prefix_vmap(axis_size, in_batched, valid):
+@_keeps_one_run.def_vmap
+def _keeps_one_run_vmap(axis_size, in_batched, valid):
     # One answer for the whole batch, so that a ``lax.cond`` on it stays a branch
     # under ``jax.vmap`` instead of computing both sides.
-    return _keeps_prefix(valid), False
+    return _keeps_one_run(valid), False
 
 
 def _by_mask_layout(checked: _Checked, solve: Callable[[bool], Any]) -> Any:
-    """``solve(prefix)``, with ``prefix`` whether the mask keeps a prefix of each
-    row's steps, so that a right-padded mask needs no search for the next valid
-    step. Traced, a ``lax.cond`` picks the branch; called eagerly, Python does
-    (an eager cond would be compiled again at every call)."""
+    """``solve(one_run)``, with ``one_run`` whether the valid steps of each row
+    are one run of steps, so that a padded mask needs no search for the next
+    valid step. Traced, a ``lax.cond`` picks the branch; called eagerly, Python
+    does (an eager cond would be compiled again at every call)."""
     if checked.mask is None:
         return solve(False)
-    prefix = _keeps_prefix(checked.mask != 0)
-    known = concrete_or_none(prefix)
+    one_run = _keeps_one_run(checked.mask != 0)
+    known = concrete_or_none(one_run)
     if known is not None:
         return solve(bool(known))
-    return jax.lax.cond(prefix, functools.partial(solve, True), functools.partial(solve, False))
+    return jax.lax.cond(one_run, functools.partial(solve, True), functools.partial(solve, False))
 
 
 def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
@@ -253,9 +255,10 @@ def _at_next(x: Array, last: Array, next_index: Array | None) -> Array:
     return jnp.take_along_axis(extended, next_index, axis=-1)
 
 
-def _at_next_in_prefix(x: Array, valid: Array, last: Array) -> Array:
-    """``x`` at the next valid step where the valid steps are a prefix of each
-    row: the next step, or ``last[...]`` after the last valid one."""
+def _at_next_in_run(x: Array, valid: Array, last: Array) -> Array:
+    """``x`` at the next valid step where the valid steps of each row are one run:
+    the next step, or ``last[...]`` after the last valid one. (What the masked
+    steps before the run get does not matter: no valid step reads them.)"""
     return _shift_left(jnp.where(valid, x, last[..., None]), last)
 
 
@@ -652,11 +655,11 @@ def td_targets(
       values: ``[..., T]`` predictions ``V(s_t)``.
       discounts: broadcastable to ``[..., T]``; ``gamma_t``, 0 at termination.
       bootstrap_value: ``[...]``, ``V(s_T)``.
-      mask: optional ``[..., T]``, 1 on real steps. A mask that keeps a prefix of
-        every row's steps (a right-padded batch, the RLHF layout) is found at
-        run time and takes a shorter path than one with gaps: its next valid
-        step is the next step. Under ``jax.vmap`` the check answers for the
-        whole batch.
+      mask: optional ``[..., T]``, 1 on real steps. A mask whose valid steps are
+        one run in every row (a right-padded batch, the RLHF layout, or a
+        left-padded one) is found at run time and takes a shorter path than
+        one with gaps: its next valid step is the next step. Under
+        ``jax.vmap`` the check answers for the whole batch.
       truncated: optional ``[..., T]``, 1 where a time limit cut the episode after t.
       final_values: ``[..., T]`` V of the final observation, read where truncated.
       stop_target_gradients: hold the targets constant (the semi-gradient TD rule).
@@ -669,11 +672,11 @@ def td_targets(
     """
     checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
 
-    def solve(prefix: bool) -> Array:
+    def solve(one_run: bool) -> Array:
         # On the CPU the blocked scan finds the next valid values under a mask with
         # gaps faster than a cummin and a gather of their index.
         next_by_scan = jax.default_backend() == "cpu"
-        steps = _prepare(checked, prefix=prefix, next_by="scan" if next_by_scan else None)
+        steps = _prepare(checked, one_run=one_run, next_by="scan" if next_by_scan else None)
         return jnp.where(steps.valid, steps.rewards + steps.discounts * steps.next_values, 0.0)
 
     return _finish(_by_mask_layout(checked, solve), stop_target_gradients)
@@ -749,24 +752,23 @@ def n_step_targets(
 
     horizon = checked.rewards.shape[-1]
     steps_summed = min(int(n), horizon)  # more steps than the sequence has add nothing
-    by_lengths = checked.truncated is None and steps_summed <= _N_STEP_BY_LENGTHS
+    one_pass = checked.truncated is None and steps_summed <= _N_STEP_IN_RUN
     if checked.mask is None and steps_summed <= _N_STEP_UNROLLED:
         return _finish(_n_step_unrolled(_prepare(checked), steps_summed), stop_target_gradients)
-    if checked.mask is None and by_lengths:
-        targets = _n_step_by_lengths(checked, steps_summed, horizon)
+    if checked.mask is None and one_pass:
+        targets = _n_step_in_run(checked, steps_summed, None, horizon)
         return _finish(targets, stop_target_gradients)
 
-    def solve(prefix: bool) -> Array:
-        if prefix and by_lengths and steps_summed > 1:  # one step is one pass anyway
-            valid = jnp.broadcast_to(checked.mask != 0, checked.rewards.shape)
-            length = jnp.sum(valid, axis=-1, dtype=jnp.int32, keepdims=True)
-            return _n_step_by_lengths(checked, steps_summed, length)
-        steps = _prepare(checked, prefix=prefix)
+    def solve(one_run: bool) -> Array:
+        if one_run and one_pass and steps_summed > 1:  # one step is one pass anyway
+            start, length = _run_bounds(jnp.broadcast_to(checked.mask != 0, checked.rewards.shape))
+            return _n_step_in_run(checked, steps_summed, start, length)
+        steps = _prepare(checked, one_run=one_run)
         one_step = steps.rewards + steps.discounts * steps.next_values
 
         def body(_, returns):
-            if prefix:
-                next_returns = _at_next_in_prefix(returns, steps.valid, steps.bootstrap_value)
+            if one_run:
+                next_returns = _at_next_in_run(returns, steps.valid, steps.bootstrap_value)
             else:
                 next_returns = _at_next(returns, steps.bootstrap_value, steps.next_index)
             return one_step + steps.chain * (next_returns - steps.next_values)
@@ -782,38 +784,68 @@ def n_step_targets(
 # - without a mask, up to this n, by the shifted valid steps (_n_step_unrolled,
 #   truncations too): 1.5x to 3x for n = 2 to 6; from n = 8 on slower;
 _N_STEP_UNROLLED = 6
-# - then, without truncations, without a mask or with one that keeps a prefix
-#   of each row, up to this n, by the rows' lengths (_n_step_by_lengths): 1.6x
+# - then, without truncations, without a mask or with one whose valid steps are
+#   one run in each row, up to this n, by the runs' bounds (_n_step_in_run): 1.6x
 #   to 3.4x without a mask for n = 8 to 64, 1.3x to 3.6x with a right-padded
 #   one for n = 2 to 64; from about n = 120 on XLA splits the fused
 #   expression, 6x to 9x slower than the loop.
-_N_STEP_BY_LENGTHS = 64
+_N_STEP_IN_RUN = 64
 
 
-def _n_step_by_lengths(checked: _Checked, n: int, length: ArrayLike) -> Array:
-    """n-step targets, no truncation, for rows whose valid steps are their first
-    ``length`` (``[..., 1]``, or the horizon without a mask), as one expression
-    of the inputs shifted by 0 to n steps, which XLA fuses into one pass.
+def _run_bounds(valid: Array) -> tuple[Array, Array]:
+    """``(start, length)``, int32 ``[..., 1]``, of each row of ``valid`` (bool
+    ``[..., T]``) whose valid steps are one run: ``start <= t < start + length``
+    (``(0, 0)`` for a row without any). Both come from sums, in one reduction
+    where T allows (a reduction over ``[256, 4096]`` took as long as the
+    n-step pass at n = 5 on a CPU)."""
+    horizon = valid.shape[-1]
+    t = jnp.arange(horizon, dtype=jnp.int32)
+    before = jnp.concatenate([jnp.zeros_like(valid[..., :1]), valid[..., :-1]], axis=-1)
+    first = valid & ~before  # the run's first step: one per row, or none
+    if horizon < 2**15:  # start in the high 16 bits of the sum, the length in the low
+        packed = jnp.sum(jnp.where(first, t << 16, 0) + valid, axis=-1, keepdims=True)
+        return packed >> 16, packed & 0xFFFF
+    start = jnp.sum(jnp.where(first, t, 0), axis=-1, keepdims=True)
+    return start, jnp.sum(valid, axis=-1, dtype=jnp.int32, keepdims=True)
+
+
+def _n_step_in_run(checked: _Checked, n: int, start: Array | None, length: ArrayLike) -> Array:
+    """n-step targets, no truncation, for rows whose valid steps are one run,
+    ``start <= t < start + length`` (``[..., 1]``; without a mask ``start`` is
+    None and ``length`` the horizon), as one expression of the inputs shifted
+    by 0 to n steps, which XLA fuses into one pass.
 
     ``y_t = a_t + c_t y_{t+1}``, unrolled from ``V(s_{t+n})``: ``a_t`` is the
     reward, plus the discounted bootstrap value at a row's last valid step,
     and ``c_t`` the discount into the next step, 0 from the last valid step
     on, so that no sum reaches past it. Which steps those are follows from
-    their index and ``length``, not from the mask read at every shift. Inputs
-    past ``length`` are replaced by 0, so junk there changes nothing.
+    their position in the run, not from the mask read at every shift. Inputs
+    outside the run are replaced by 0, so junk there changes nothing.
     """
     rewards, values, discounts, bootstrap_value = checked[:4]
-    t = jnp.arange(rewards.shape[-1])
+    t = jnp.arange(rewards.shape[-1], dtype=jnp.int32)
     gammas = jnp.broadcast_to(discounts, rewards.shape)
-    targets = jnp.where(t + n < length, _shifted(values, n, 0.0), 0.0)
+    if start is None:
+        position = t
+
+        def inside(step, width):
+            return step < width
+    else:
+        position = t - start  # negative before the run
+
+        def inside(step, width):  # 0 <= step < width, in one unsigned comparison
+            unsigned = jax.lax.bitcast_convert_type(step, jnp.uint32)
+            return unsigned < jnp.maximum(width, 0).astype(jnp.uint32)
+
+    targets = jnp.where(inside(position + n, length), _shifted(values, n, 0.0), 0.0)
     for k in reversed(range(n)):
-        gamma, step = _shifted(gammas, k, 0.0), t + k
+        gamma, step = _shifted(gammas, k, 0.0), position + k
         gain = _shifted(rewards, k, 0.0) + jnp.where(
             step == length - 1, gamma * bootstrap_value[..., None], 0.0
         )
-        chain = jnp.where(step < length - 1, gamma, 0.0)
-        targets = jnp.where(step < length, gain, 0.0) + chain * targets
-    return jnp.where(t < length, targets, 0.0)
+        chain = jnp.where(inside(step, length - 1), gamma, 0.0)
+        targets = jnp.where(inside(step, length), gain, 0.0) + chain * targets
+    return jnp.where(inside(position, length), targets, 0.0)
 
 
 def _n_step_unrolled(steps: _Steps, n: int) -> Array:
@@ -896,8 +928,8 @@ def gae(
     else:
         lam_now = _constant_in_time(lam, checked.rewards.shape)
 
-        def solve(prefix: bool) -> tuple[Array, Array]:
-            if checked.mask is not None and not prefix and lam_now is not None:
+        def solve(one_run: bool) -> tuple[Array, Array]:
+            if checked.mask is not None and not one_run and lam_now is not None:
                 # A mask with gaps: one recursion of the lambda-returns' mixture.
                 return _masked_gae_by_returns(
                     _prepare(checked, resolve_next=False), lam_now, method
@@ -909,7 +941,7 @@ def gae(
                 # valid values by its own kernels instead of an index lookup (a cummin
                 # and a gather).
                 next_by="pallas" if method == "pallas" else None,
-                prefix=prefix,
+                one_run=one_run,
             )
             advantages = _advantages(steps, lam, method)
             return advantages, advantages + steps.values  # both 0 on masked steps

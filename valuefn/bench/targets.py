@@ -26,7 +26,7 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
   targets) when rlax is installed; floor: the ``[B, T]`` inputs read and the
   targets written.
 - ``n_step_targets n=5, per-step discounts, right-padded mask``: the same
-  with the right-padded mask (the path that sums by the rows' lengths),
+  with the right-padded mask (the path that sums by the runs' bounds),
   against the unmasked call of the same run: what the mask costs.
 
 The compared calls are timed in turn, each timed call straight after an
