@@ -203,39 +203,33 @@ def one_run_per_row(horizon, bounds):
     return (np.arange(horizon) >= starts) & (np.arange(horizon) < ends)
 
 
-# Valid steps in one run: right-padded, and left- or both-padded.
-LAYOUTS = {"right-padded": (0, 0, 0), "padded both sides": (3, 1, 2)}
-
-
 @pytest.mark.parametrize("n", N_STEP_EDGES)
-@pytest.mark.parametrize("masked", [None, *LAYOUTS], ids=["no mask", *LAYOUTS])
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "one run"])
 @pytest.mark.parametrize("truncations", [False, True], ids=["", "truncations"])
 def test_n_step_targets_match_reference_on_either_side_of_one_pass(n, masked, truncations):
     """Jitted (a mask in one run is then found by a ``lax.cond``), with the
     sequence's end, the run's end and, where given, truncations inside the n
-    steps."""
+    steps. The mask's rows: right-padded (empty for small n), padded on both
+    sides (runs shorter and longer than n), left-padded, full."""
     horizon = vf.targets._N_STEP_IN_RUN + 8
-    inputs = make_episode((3, horizon), seed=n, masked=False, truncations=truncations)
-    if masked:  # runs shorter and longer than n, to the end, and (small n) empty
-        lengths = [0, 4, horizon] if n < 4 else [n - 1, n + 2, horizon]
-        starts = LAYOUTS[masked]
-        ends = [min(s + length, horizon) for s, length in zip(starts, lengths, strict=True)]
-        inputs["mask"] = one_run_per_row(horizon, list(zip(starts, ends, strict=True)))
+    inputs = make_episode((4, horizon), seed=n, masked=False, truncations=truncations)
+    if masked:
+        short, long = (0, 4) if n < 4 else (n - 1, n + 2)
+        bounds = [(0, short), (1, 1 + long), (3, horizon), (0, horizon)]
+        inputs["mask"] = one_run_per_row(horizon, bounds)
     got = jax.jit(functools.partial(call, vf.n_step_targets, n=n))(inputs)
     np.testing.assert_allclose(got, call(ref.n_step_targets, inputs, n), **TOL)
 
 
 @pytest.mark.parametrize("n", [3, vf.targets._N_STEP_IN_RUN])
-@pytest.mark.parametrize("masked", LAYOUTS)
-def test_n_step_targets_in_one_pass_ignore_junk_outside_a_rows_run(n, masked):
-    """NaN on the masked steps of a mask in one run, which the one pass by the
-    runs' bounds shifts into reach of every step: same targets, and finite
-    gradients that are 0 there when the targets are not stopped."""
+def test_n_step_targets_in_one_pass_ignore_junk_outside_a_rows_run(n):
+    """NaN on the masked steps of a mask in one run (rows right-padded, padded on
+    both sides, left-padded), which the one pass by the runs' bounds shifts into
+    reach of every step: same targets, and finite gradients that are 0 there
+    when the targets are not stopped."""
     horizon = n + 7
     clean = make_episode((3, horizon), seed=n, masked=False, truncations=False)
-    starts = LAYOUTS[masked]
-    lengths = (1, n - 1, n + 2)
-    valid = one_run_per_row(horizon, [(s, s + k) for s, k in zip(starts, lengths, strict=True)])
+    valid = one_run_per_row(horizon, [(0, 1), (2, n + 1), (5, horizon)])
     clean["mask"] = valid
     junk = dict(clean)
     for key in ("rewards", "values", "discounts"):
@@ -790,17 +784,17 @@ def test_run_bounds_are_the_first_valid_step_and_the_count(horizon):
 @pytest.mark.parametrize("shape", [(5, 9), (2, 3, 21)], ids=str)
 @pytest.mark.parametrize("truncations", [False, True])
 @pytest.mark.parametrize("per_step_discounts", [False, True])
-@pytest.mark.parametrize("masked", ["prefix", "run"], ids=["right-padded", "one run"])
 @pytest.mark.parametrize("method", METHODS)
 def test_gae_with_a_mask_in_one_run_matches_reference(
-    shape, truncations, per_step_discounts, method, masked
+    shape, truncations, per_step_discounts, method
 ):
+    """A right-padded mask, then two whose runs start anywhere."""
     kernel = jax.jit(functools.partial(call, vf.gae, method=method))
     rng = np.random.default_rng(shape[-1])
     # A constant lambda * gamma (no truncations) is kept out of the scanned inputs.
     lambda_ = rng.uniform(size=shape).astype(np.float32) if per_step_discounts else 0.9
     lam = np.broadcast_to(np.float32(lambda_), shape)
-    for seed in range(3):
+    for seed, masked in enumerate(["prefix", "run", "run"]):
         inputs = make_episode(
             shape,
             seed=seed,
