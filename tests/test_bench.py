@@ -73,7 +73,7 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     returns = [
         f for f in results["figures"] if f["name"].startswith(("td_", "n_step", "lambda_r", "disc"))
     ]
-    assert len(returns) == 5 and all(f["floor"] for f in returns)
+    assert len(returns) == 6 and all(f["floor"] for f in returns)
     stages = [f for f in results["figures"] if f["name"].startswith("iteration stage")]
     assert stages and all("wins" not in f["baseline"] for f in stages)
     assert "figure" in run.stdout and "vs baseline" in run.stdout
@@ -165,6 +165,7 @@ def test_gae_figures_take_the_right_padded_and_the_general_masked_paths():
     lengths = mask.sum(axis=1)
     assert lengths.min() >= 128 and lengths.max() <= 256 and len(set(lengths)) > 1
     assert bool(_keeps_one_run(jnp.asarray(mask != 0)))
+    assert bool(_keeps_one_run(jnp.asarray(mask[:, ::-1] != 0)))  # left-padded
     gaps = targets.with_gaps(mask)
     assert np.all(gaps <= mask) and 0.05 < 1 - gaps.sum() / mask.sum() < 0.15
     assert not bool(_keeps_one_run(jnp.asarray(gaps != 0)))
@@ -218,12 +219,11 @@ def _rlax_of_loops(shift=1):
 
 def test_returns_are_compared_with_rlax_on_its_inputs_output_for_output():
     figures = targets.compare_returns(2, 16, repeats=1, rlax=_rlax_of_loops())
-    *figures, masked = figures
-    assert (
-        masked.name
-        == f"n_step_targets n={targets.RETURNS_N}, per-step discounts, right-padded mask 2x16"
-    )
+    *figures, masked, left = figures
+    n_step = f"n_step_targets n={targets.RETURNS_N}, per-step discounts"
+    assert masked.name == f"{n_step}, right-padded mask 2x16"
     assert masked.baseline == figures[1].name  # the same targets without the mask
+    assert left.name == f"{n_step}, left-padded mask 2x16" and left.baseline == masked.name
     baselines = {f.name.rsplit(", per-step", 1)[0]: f.baseline for f in figures}
     assert baselines == {
         "td_targets": "rlax n-step n=1 2x16",
@@ -242,10 +242,11 @@ def test_returns_are_compared_with_rlax_on_its_inputs_output_for_output():
 
 
 def test_returns_without_rlax_are_held_against_their_floor_alone():
-    *figures, masked = targets.compare_returns(2, 16, repeats=1, rlax=None)
+    *figures, masked, left = targets.compare_returns(2, 16, repeats=1, rlax=None)
     assert len(figures) == 4
     assert all(f.baseline is None and f.floor_work > 0 for f in figures)
     assert masked.baseline == figures[1].name and masked.floor_work > 0
+    assert left.baseline == masked.name and left.floor_work == masked.floor_work
 
 
 def test_floor_fraction_is_the_floor_time_over_the_measured_time():

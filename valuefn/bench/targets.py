@@ -27,7 +27,9 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
   targets written.
 - ``n_step_targets n=5, per-step discounts, right-padded mask``: the same
   with the right-padded mask (the path that sums by the runs' bounds),
-  against the unmasked call of the same run: what the mask costs.
+  against the unmasked call of the same run: what the mask costs. And
+  ``..., left-padded mask``: the same mask reversed in time, which takes the
+  same path, against the right-padded call.
 
 The compared calls are timed in turn, each timed call straight after an
 untimed call of the same function, as the update steps are (see
@@ -67,6 +69,7 @@ MAP_GPU = tuple(
 QUICK_MAP = ((2, 32),)
 GAPS = "gae auto, mask with gaps"
 MASKED_N_STEP = "n_step_targets, right-padded mask"
+LEFT_N_STEP = "n_step_targets, left-padded mask"
 NO_MASK = "gae auto, per-step discounts, no mask"
 NO_MASK_ADVANTAGES = "gae auto advantages, per-step discounts, no mask"
 # (backend, chunk, rows) of the Pallas kernels swept on a GPU, and the shape
@@ -250,7 +253,8 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
     One-step targets are held against rlax's n-step returns with n = 1. Each pair
     is checked to agree before it is timed. Without rlax the kernels are timed
     against their floor alone. The n-step targets under the right-padded mask
-    are held against the unmasked ones."""
+    are held against the unmasked ones, and those under the left-padded mask
+    against the right-padded ones."""
     rewards, values, bootstrap, mask = make_inputs(batch, horizon)
     r, v, b, m = (jnp.asarray(x) for x in (rewards, values, bootstrap, mask))
     d = jnp.full((batch, horizon), GAMMA, jnp.float32)
@@ -271,6 +275,7 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         )
 
     calls[MASKED_N_STEP] = partial(jax.jit(masked_n_step), r, v, d, b, m)
+    calls[LEFT_N_STEP] = partial(jax.jit(masked_n_step), r, v, d, b, m[:, ::-1])
     # name: (rlax's name, its function of one row, its inputs)
     theirs = {}
     if rlax is not None:
@@ -326,8 +331,13 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         for name, (_, args) in ours.items()
     ]
     unmasked = (f"{n_step}, per-step discounts, no mask", n_step)
-    masked = figure(f"{n_step}, per-step discounts, right-padded mask", MASKED_N_STEP, unmasked, 4)
-    return [*figures, masked]
+    masked = f"{n_step}, per-step discounts, right-padded mask"
+    left = f"{n_step}, per-step discounts, left-padded mask"
+    return [
+        *figures,
+        figure(masked, MASKED_N_STEP, unmasked, 4),
+        figure(left, LEFT_N_STEP, (masked, MASKED_N_STEP), 4),
+    ]
 
 
 def _with_returns(advantages, extended_values):
