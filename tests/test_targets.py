@@ -749,7 +749,7 @@ def test_gae_over_several_blocks_matches_reference(shape, options):
 
 def test_keeps_one_run_answers_for_the_whole_batch():
     rng = np.random.default_rng(3)
-    for _ in range(60):
+    for _ in range(40):
         shape = (int(rng.integers(1, 4)), int(rng.integers(1, 7)))
         valid = make_episode(shape, int(rng.integers(2**32)), masked="run")["mask"]
         if rng.random() < 0.5:  # flip a step of one row: a gap, or a second run
