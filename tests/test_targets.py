@@ -752,8 +752,14 @@ def test_keeps_one_run_answers_for_the_whole_batch():
     for _ in range(40):
         shape = (int(rng.integers(1, 4)), int(rng.integers(1, 7)))
         valid = make_episode(shape, int(rng.integers(2**32)), masked="run")["mask"]
-        if rng.random() < 0.5:  # flip a step of one row: a gap, or a second run
-            valid[rng.integers(shape[0]), rng.integers(shape[1])] ^= True
+        row = valid[rng.integers(shape[0])]
+        if rng.random() < 0.5 and shape[1] >= 3:  # two runs in one row
+            first = rng.integers(shape[1] - 2)
+            last = rng.integers(first + 2, shape[1])
+            row[first:last] = False
+            row[first] = row[last] = True
+        elif rng.random() < 0.5:  # flip a step of one row
+            row[rng.integers(shape[1])] ^= True
         runs = [
             sum(valid[b, t] and (t == 0 or not valid[b, t - 1]) for t in range(shape[1]))
             for b in range(shape[0])
