@@ -796,8 +796,8 @@ def _run_bounds(valid: Array) -> tuple[Array, Array]:
     """``(start, length)``, int32 ``[..., 1]``, of each row of ``valid`` (bool
     ``[..., T]``) whose valid steps are one run: ``start <= t < start + length``
     (``(0, 0)`` for a row without any). Both come from sums, in one reduction
-    where T allows (a reduction over ``[256, 4096]`` took as long as the
-    n-step pass at n = 5 on a CPU)."""
+    where T allows: on a CPU one reduction over ``[256, 4096]`` took about a
+    third of the time of the n = 5 pass itself."""
     horizon = valid.shape[-1]
     t = jnp.arange(horizon, dtype=jnp.int32)
     before = jnp.concatenate([jnp.zeros_like(valid[..., :1]), valid[..., :-1]], axis=-1)
