@@ -224,12 +224,12 @@ def test_n_step_targets_match_reference_on_either_side_of_one_pass(n, masked, tr
 @pytest.mark.parametrize("n", [3, vf.targets._N_STEP_IN_RUN])
 def test_n_step_targets_in_one_pass_ignore_junk_outside_a_rows_run(n):
     """NaN on the masked steps of a mask in one run (rows right-padded, padded on
-    both sides, left-padded), which the one pass by the runs' bounds shifts into
-    reach of every step: same targets, and finite gradients that are 0 there
-    when the targets are not stopped."""
+    both sides, left-padded, empty), which the one pass by the runs' bounds
+    shifts into reach of every step: same targets, and finite gradients that
+    are 0 there when the targets are not stopped."""
     horizon = n + 7
-    clean = make_episode((3, horizon), seed=n, masked=False, truncations=False)
-    valid = one_run_per_row(horizon, [(0, 1), (2, n + 1), (5, horizon)])
+    clean = make_episode((4, horizon), seed=n, masked=False, truncations=False)
+    valid = one_run_per_row(horizon, [(0, 1), (2, n + 1), (5, horizon), (0, 0)])
     clean["mask"] = valid
     junk = dict(clean)
     for key in ("rewards", "values", "discounts"):
@@ -237,11 +237,12 @@ def test_n_step_targets_in_one_pass_ignore_junk_outside_a_rows_run(n):
     kernel = jax.jit(functools.partial(call, vf.n_step_targets, n=n))
     np.testing.assert_allclose(kernel(junk), kernel(clean), **TOL)
 
-    def total(values, rewards):
-        inputs = {**junk, "values": values, "rewards": rewards}
+    def total(values, rewards, discounts):
+        inputs = {**junk, "values": values, "rewards": rewards, "discounts": discounts}
         return jnp.sum(call(vf.n_step_targets, inputs, n, stop_target_gradients=False))
 
-    for grad in jax.jit(jax.grad(total, argnums=(0, 1)))(junk["values"], junk["rewards"]):
+    arrays = (junk["values"], junk["rewards"], junk["discounts"])
+    for grad in jax.jit(jax.grad(total, argnums=(0, 1, 2)))(*arrays):
         assert np.all(np.isfinite(grad))
         np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
 
