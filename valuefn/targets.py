@@ -218,8 +218,7 @@ def _keeps_one_run(valid: Array) -> Array:
     run of steps or none, as in a right-padded, left-padded or prompt-then-response
     batch: a scalar bool."""
     valid = jnp.atleast_1d(valid)
-    starts = jnp.sum(valid[..., 1:] > valid[..., :-1], axis=-1) + valid[..., 0]
-    return jnp.all(starts <= 1)
+    return jnp.all(jnp.sum(_run_starts(valid), axis=-1) <= 1)
 
 
 @_keeps_one_run.def_vmap
@@ -227,6 +226,13 @@ def _keeps_one_run_vmap(axis_size, in_batched, valid):
     # One answer for the whole batch, so that a ``lax.cond`` on it stays a branch
     # under ``jax.vmap`` instead of computing both sides.
     return _keeps_one_run(valid), False
+
+
+def _run_starts(valid: Array) -> Array:
+    """Where a run of valid steps starts: ``valid`` (bool ``[..., T]``) and the
+    step before it not."""
+    before = jnp.concatenate([jnp.zeros_like(valid[..., :1]), valid[..., :-1]], axis=-1)
+    return valid & ~before
 
 
 def _by_mask_layout(checked: _Checked, solve: Callable[[bool], Any]) -> Any:
@@ -800,8 +806,7 @@ def _run_bounds(valid: Array) -> tuple[Array, Array]:
     third of the time of the n = 5 pass itself."""
     horizon = valid.shape[-1]
     t = jnp.arange(horizon, dtype=jnp.int32)
-    before = jnp.concatenate([jnp.zeros_like(valid[..., :1]), valid[..., :-1]], axis=-1)
-    first = valid & ~before  # the run's first step: one per row, or none
+    first = _run_starts(valid)  # the run's first step: one per row, or none
     if horizon < 2**15:  # start in the high 16 bits of the sum, the length in the low
         packed = jnp.sum(jnp.where(first, t << 16, 0) + valid, axis=-1, keepdims=True)
         return packed >> 16, packed & 0xFFFF
