@@ -268,14 +268,9 @@ def compare_returns(batch: int, horizon: int, *, repeats: int, rlax) -> list[Fig
         "discounted_returns auto": (valuefn.discounted_returns, (r, d, b)),
     }
     calls = {name: partial(jax.jit(fn), *args) for name, (fn, args) in ours.items()}
-
-    def masked_n_step(rewards, values, discounts, bootstrap_value, mask):
-        return valuefn.n_step_targets(
-            rewards, values, discounts, bootstrap_value, RETURNS_N, mask=mask
-        )
-
-    calls[MASKED_N_STEP] = partial(jax.jit(masked_n_step), r, v, d, b, m)
-    calls[LEFT_N_STEP] = partial(jax.jit(masked_n_step), r, v, d, b, m[:, ::-1])
+    masked_n_step = jax.jit(ours[n_step][0])  # the same n-step targets, given a mask
+    calls[MASKED_N_STEP] = partial(masked_n_step, r, v, d, b, mask=m)
+    calls[LEFT_N_STEP] = partial(masked_n_step, r, v, d, b, mask=m[:, ::-1])
     # name: (rlax's name, its function of one row, its inputs)
     theirs = {}
     if rlax is not None:
