@@ -27,6 +27,13 @@ PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 METHODS = ("scan", "associative", "auto", "pallas")
 
 
+def one_run_per_row(horizon, starts, ends):
+    """A mask ``[..., T]`` that keeps steps ``starts <= t < ends`` of each row
+    (``starts`` and ``ends``: ``[...]``)."""
+    steps = np.arange(horizon)
+    return (steps >= np.asarray(starts)[..., None]) & (steps < np.asarray(ends)[..., None])
+
+
 def make_episode(
     shape,
     seed,
@@ -63,8 +70,7 @@ def make_episode(
     elif masked == "run":
         ends = rng.integers(0, shape[-1] + 1, size=shape[:-1])
         starts = rng.integers(0, ends + 1)
-        steps = np.arange(shape[-1])
-        inputs["mask"] = (steps >= starts[..., None]) & (steps < ends[..., None])
+        inputs["mask"] = one_run_per_row(shape[-1], starts, ends)
     elif masked:
         inputs["mask"] = rng.random(shape) < rng.choice([0.3, 0.7, 1.0])
     if truncations:
@@ -197,12 +203,6 @@ N_STEP_EDGES = (
 )
 
 
-def one_run_per_row(horizon, bounds):
-    """A mask that keeps steps ``s <= t < e`` of row i, ``(s, e) = bounds[i]``."""
-    starts, ends = np.array(bounds).T[:, :, None]
-    return (np.arange(horizon) >= starts) & (np.arange(horizon) < ends)
-
-
 @pytest.mark.parametrize("n", N_STEP_EDGES)
 @pytest.mark.parametrize("masked", [False, True], ids=["no mask", "one run"])
 @pytest.mark.parametrize("truncations", [False, True], ids=["", "truncations"])
@@ -215,8 +215,8 @@ def test_n_step_targets_match_reference_on_either_side_of_one_pass(n, masked, tr
     inputs = make_episode((4, horizon), seed=n, masked=False, truncations=truncations)
     if masked:
         short, long = (0, 4) if n < 4 else (n - 1, n + 2)
-        bounds = [(0, short), (1, 1 + long), (3, horizon), (0, horizon)]
-        inputs["mask"] = one_run_per_row(horizon, bounds)
+        ends = [short, 1 + long, horizon, horizon]
+        inputs["mask"] = one_run_per_row(horizon, starts=[0, 1, 3, 0], ends=ends)
     got = jax.jit(functools.partial(call, vf.n_step_targets, n=n))(inputs)
     np.testing.assert_allclose(got, call(ref.n_step_targets, inputs, n), **TOL)
 
@@ -229,7 +229,7 @@ def test_n_step_targets_in_one_pass_ignore_junk_outside_a_rows_run(n):
     are 0 there when the targets are not stopped."""
     horizon = n + 7
     clean = make_episode((4, horizon), seed=n, masked=False, truncations=False)
-    valid = one_run_per_row(horizon, [(0, 1), (2, n + 1), (5, horizon), (0, 0)])
+    valid = one_run_per_row(horizon, starts=[0, 2, 5, 0], ends=[1, n + 1, horizon, 0])
     clean["mask"] = valid
     junk = dict(clean)
     for key in ("rewards", "values", "discounts"):
