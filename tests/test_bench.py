@@ -100,6 +100,19 @@ def test_tuned_xla_flags_keep_the_flags_already_set(monkeypatch):
     ]
 
 
+def test_tuned_xla_flags_leave_out_a_flag_this_xla_does_not_know(monkeypatch, capsys):
+    # XLA aborts a process on an unknown flag; the suite must run without it.
+    unknown = "--xla_cpu_no_such_flag_in_any_release=1"
+    monkeypatch.setattr(suite, "TUNED_XLA_FLAGS", (unknown, *suite.TUNED_XLA_FLAGS))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    suite._use_tuned_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_backend_optimization_level=0",
+        *suite.TUNED_XLA_FLAGS[1:],
+    ]
+    assert unknown in capsys.readouterr().err
+
+
 def test_gae_without_torch_or_rlax_is_compared_with_the_numpy_loop():
     figures = targets.compare_shape(2, 16, repeats=1, torch=None, rlax=None)
     names = [f.name for f in figures]

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -331,13 +332,36 @@ def _command_line(args: argparse.Namespace, prog: str) -> str:
     return " ".join(flags)
 
 
+def _xla_accepts(flags: list[str]) -> bool:
+    """Whether this jaxlib's XLA knows ``flags``. XLA aborts a process whose
+    ``XLA_FLAGS`` name a flag it does not know, and experimental CPU flags come
+    and go between jaxlib releases, so a short-lived process starts JAX's CPU
+    backend with them."""
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-c", "import jax; jax.devices()"]
+    try:
+        probe = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0
+
+
 def _use_tuned_xla_flags() -> None:
-    """Adds :data:`TUNED_XLA_FLAGS` to ``XLA_FLAGS``; XLA reads them when JAX starts its
-    backends, which nothing has done yet when the suite starts from the command line."""
+    """Adds those of :data:`TUNED_XLA_FLAGS` that this jaxlib knows to ``XLA_FLAGS``,
+    beside the flags already set; XLA reads them when JAX starts its backends,
+    which nothing has done yet when the suite starts from the command line."""
     flags = os.environ.get("XLA_FLAGS", "").split()
     names = {flag.split("=")[0] for flag in flags}
-    flags += [flag for flag in TUNED_XLA_FLAGS if flag.split("=")[0] not in names]
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    wanted = [flag for flag in TUNED_XLA_FLAGS if flag.split("=")[0] not in names]
+    if wanted and not _xla_accepts(wanted):
+        known = [flag for flag in wanted if _xla_accepts([flag])]
+        for flag in wanted:
+            if flag not in known:
+                print(
+                    f"this jaxlib's XLA does not know {flag}; running without it", file=sys.stderr
+                )
+        wanted = known
+    os.environ["XLA_FLAGS"] = " ".join(flags + wanted)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
