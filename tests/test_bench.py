@@ -390,9 +390,9 @@ def test_transformer_flops_counts_three_passes_for_training():
 def test_suite_imports_with_the_core_dependencies_only():
     """A machine with jax, flax (which brings rich), optax and chex runs the suite.
 
-    orbax, matplotlib and tomli are the job's; torch and rlax are optional baselines.
+    orbax and matplotlib are the job's; torch and rlax are optional baselines.
     """
-    blocked = ("orbax", "orbax.checkpoint", "matplotlib", "tomli", "torch", "rlax")
+    blocked = ("orbax", "orbax.checkpoint", "matplotlib", "torch", "rlax")
     code = (
         "import sys, importlib\n"
         f"for name in {blocked!r}: sys.modules[name] = None\n"

@@ -20,10 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _read_config(args: argparse.Namespace):
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
+    import tomllib
 
     from valuefn.job import config_from_dict
 

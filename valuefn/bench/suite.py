@@ -196,7 +196,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> di
         rates = limits(produced[0][1]) if produced[0][0] == "hardware" else {}
         return {
             "schema": SCHEMA,
-            "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+            "date": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(
                 timespec="seconds"
             ),
             "quick": quick,
