@@ -22,7 +22,7 @@ from valuefn import distributed
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # Parameters after the worker's three Adam steps of 1e-2. Adam divides each gradient by
 # its running root mean square, so where a gradient is near 0 its float-level
-# differences between one device and a mesh reach 1.4e-5 in the parameters
+# differences between one device and a mesh reach 1.8e-5 in the parameters
 # (jaxlib 0.9.0); an error in the sharding moves them by up to 3e-2.
 TOLERANCE = 5e-5
 
