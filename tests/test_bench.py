@@ -380,6 +380,84 @@ def test_table_shows_the_rounds_won_next_to_the_ratio():
     assert "3x" in table and "3x (" not in table
 
 
+def _saved_run(monkeypatch, path, *, gae: tuple, memory_mib: float, other: str) -> str:
+    """A results file as ``valuefn bench`` writes it: a figure ``gae`` with its
+    ``(median, baseline median, rounds won of 7)``, a footprint and a figure ``other``."""
+    median, baseline_median, wins = gae
+    produced = {
+        "hardware": [],
+        "targets": [
+            Figure(
+                "gae",
+                median,
+                median / 2,
+                median * 2,
+                baseline="loop",
+                baseline_median=baseline_median,
+                wins=wins,
+                rounds=7,
+            ),
+            Figure(other, 1.0, 1.0, 1.0),
+        ],
+        "footprint": [Figure("memory", *[memory_mib * 2**20] * 3, unit="bytes")],
+    }
+    monkeypatch.setattr(suite, "_run_one", lambda name, *args: produced[name])
+    results = suite.run_suite(list(produced), quick=False, echo=lambda *a, **k: None)
+    path.write_text(json.dumps(results))
+    return str(path)
+
+
+def test_compare_puts_the_figures_both_runs_hold_side_by_side(monkeypatch, tmp_path, capsys):
+    before = _saved_run(
+        monkeypatch, tmp_path / "before.json", gae=(4.0, 8.0, 5), memory_mib=3, other="gone"
+    )
+    after = _saved_run(
+        monkeypatch, tmp_path / "after.json", gae=(2.0, 10.0, 7), memory_mib=1, other="new"
+    )
+    assert cli.main(["bench", "--compare", before, after]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1] in "gm"}
+    # before / after medians, after's speed-up over before, each run's own ratio to its baseline.
+    assert rows["gae"][1:] == ["4", "s", "2", "s", "2x", "2x", "(5/7)", "5x", "(7/7)"]
+    assert rows["memory"][1:6] == ["3.0", "MiB", "1.0", "MiB", "3x"]
+    assert "only before (1): gone" in out and "only after (1): new" in out
+    assert out.startswith("before: cpu") and "\nafter: cpu" in out
+
+    assert cli.main(["bench", "--show", after, "--markdown"]) == 0
+    shown = capsys.readouterr().out
+    assert "| gae | 2 s | 1 s | 4 s |" in shown and "5x (7/7)" in shown
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        ("{not json", "is not JSON"),
+        ('{"figures": []}', "is not a results file"),
+        ('{"figures": [], "machine": {}, "versions": {}, "schema": 0}', "has schema 0"),
+    ],
+)
+def test_compare_and_show_name_a_file_they_cannot_read(tmp_path, capsys, content, message):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    assert cli.main(["bench", "--show", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "--show" in error and str(path) in error and message in error
+    with pytest.raises(SystemExit) as exit_:
+        suite.main(["--compare", str(path), str(path)])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_show_and_compare_go_alone(capsys, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"figures": [], "machine": {}, "versions": {}, "schema": 1}')
+    with pytest.raises(SystemExit):
+        suite.main(["--show", str(path), "--compare", str(path), str(path)])
+    assert "not allowed with" in capsys.readouterr().err
+
+
 def test_transformer_flops_counts_three_passes_for_training():
     shape = dict(d_model=8, num_layers=2, seq_len=4, tokens=10)
     forward = (24 * 2 * 8**2 + 4 * 2 * 4 * 8) * 10

@@ -8,7 +8,9 @@ won, where the two were timed in the same rounds) and its fraction of the
 hardware limit. The file is written after each benchmark too, with
 ``"complete": false`` until the last, so that a run cut short by a job's time
 limit keeps what it measured. ``--quick`` runs everything at tiny sizes, to
-check that it runs; its file is named ``...-quick.json``.
+check that it runs; its file is named ``...-quick.json``. ``--show FILE`` prints
+a saved run's table and ``--compare BEFORE AFTER`` two saved runs' figures side
+by side (:func:`compare_results`), without running anything.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--default-xla-flags",
         action="store_true",
         help=f"run without the tuned XLA CPU flags ({' '.join(TUNED_XLA_FLAGS)})",
+    )
+    saved = parser.add_mutually_exclusive_group()
+    saved.add_argument(
+        "--show",
+        metavar="RESULTS",
+        type=read_results,
+        help="print the table of a saved results file; runs nothing",
+    )
+    saved.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BEFORE", "AFTER"),
+        type=read_results,
+        help="print the figures two saved results files both hold, side by side; runs nothing",
     )
 
 
@@ -289,15 +305,8 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
         "vs baseline (rounds won)",
         "of limit",
     ]
-    machine, versions = results["machine"], results["versions"]
-    tunables = machine.get("glibc_tunables")
     lines = [
-        f"{machine['backend']}: {machine['device_count']} x {machine['device_kind']}, "
-        f"{machine['processor']}, {machine['cpu_count']} CPUs"
-        + (f" (GLIBC_TUNABLES={tunables})" if tunables else "")
-        + f"; jax {versions['jax']}, "
-        f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
-        + (" (quick)" if results["quick"] else ""),
+        _run_line(results),
         *([""] if markdown else []),
         format_table(headers, rows, markdown=markdown),
     ]
@@ -307,6 +316,99 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
         notes.insert(0, "")
     lines += notes
     return "\n".join(lines)
+
+
+def _run_line(results: dict) -> str:
+    """The machine, the versions and the date of a run, on one line."""
+    machine, versions = results["machine"], results["versions"]
+    tunables = machine.get("glibc_tunables")
+    return (
+        f"{machine['backend']}: {machine['device_count']} x {machine['device_kind']}, "
+        f"{machine['processor']}, {machine['cpu_count']} CPUs"
+        + (f" (GLIBC_TUNABLES={tunables})" if tunables else "")
+        + f"; jax {versions['jax']}, "
+        f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
+        + (" (quick)" if results["quick"] else "")
+    )
+
+
+def read_results(path: str) -> dict:
+    """A results file that ``valuefn bench`` wrote, read and checked.
+
+    Raises ``argparse.ArgumentTypeError`` (a ``ValueError``) naming the file when it
+    cannot be read or is not a results file of this suite's schema.
+    """
+    try:
+        results = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror}") from err
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {err}") from err
+    if not isinstance(results, dict) or not {"figures", "machine", "versions"} <= set(results):
+        raise argparse.ArgumentTypeError(f"{path} is not a results file of valuefn bench")
+    if results.get("schema") != SCHEMA:
+        raise argparse.ArgumentTypeError(
+            f"{path} has schema {results.get('schema')!r}; this valuefn reads schema {SCHEMA}"
+        )
+    return results
+
+
+def compare_results(before: dict, after: dict, *, markdown: bool = False) -> str:
+    """The figures that two runs both hold, matched by name, as one table.
+
+    ``after vs before`` is before's median over after's, so above 1 the later run
+    was faster (or, for memory, smaller). Where the machines or their loads
+    differ, the ratios each run measured against its own baseline compare
+    better than the medians, and both are shown.
+    """
+    from valuefn.bench.figures import format_table
+
+    earlier = {f["name"]: f for f in before["figures"]}
+    later = {f["name"]: f for f in after["figures"]}
+
+    def of_limit(figure: dict) -> str:
+        fraction = (figure["floor"] or {}).get("fraction")
+        return "" if fraction is None else f"{100 * fraction:.3g}%"
+
+    rows = [
+        [
+            name,
+            _quantity(earlier[name]["median"], f["unit"]),
+            _quantity(f["median"], f["unit"]),
+            f"{earlier[name]['median'] / f['median']:.3g}x",
+            _versus(earlier[name]),
+            _versus(f),
+            of_limit(earlier[name]),
+            of_limit(f),
+        ]
+        for name, f in later.items()
+        if name in earlier
+    ]
+    headers = [
+        "figure",
+        "before",
+        "after",
+        "after vs before",
+        "vs baseline, before",
+        "vs baseline, after",
+        "of limit, before",
+        "of limit, after",
+    ]
+    lines = [f"before: {_run_line(before)}", f"after: {_run_line(after)}"]
+    if markdown:
+        lines = [line + "  " for line in lines] + [""]
+    lines.append(format_table(headers, rows, markdown=markdown))
+    notes = [
+        f"only {which} ({len(names)}): {', '.join(names)}"
+        for which, names in (
+            ("before", [name for name in earlier if name not in later]),
+            ("after", [name for name in later if name not in earlier]),
+        )
+        if names
+    ]
+    if markdown and notes:
+        notes.insert(0, "")
+    return "\n".join(lines + notes)
 
 
 def results_path(results: dict, out: Path) -> Path:
@@ -366,6 +468,12 @@ def _use_tuned_xla_flags() -> None:
 
 def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
     """Runs the suite as the flags in ``args`` say; returns the exit code (1 if any failed)."""
+    if args.show is not None:
+        print(format_results(args.show, markdown=args.markdown))
+        return 0
+    if args.compare is not None:
+        print(compare_results(*args.compare, markdown=args.markdown))
+        return 0
     if not args.default_xla_flags:
         _use_tuned_xla_flags()
     # PyTorch's OpenMP threads spin at every barrier; where other work shares the
