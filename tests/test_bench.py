@@ -39,6 +39,7 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     assert {"backend", "device_kind", "device_count", "cpu_count"} <= set(results["machine"])
     assert set(suite.TUNED_XLA_FLAGS) <= set(results["machine"]["xla_flags"].split())
     assert results["versions"]["jax"] and results["versions"]["valuefn"]
+    assert "source" in results  # the commit where valuefn runs from a checkout, else None
     measured = {hardware.MEMORY, *hardware.MATMUL.values()}
     assert measured <= set(results["limits"]) <= measured | {hardware.PEAK_BF16}
     assert all(rate > 0 for rate in results["limits"].values())
@@ -456,6 +457,52 @@ def test_show_and_compare_go_alone(capsys, tmp_path):
     with pytest.raises(SystemExit):
         suite.main(["--show", str(path), "--compare", str(path), str(path)])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def _git(where, *args: str) -> str:
+    command = ["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_results_name_the_commit_of_a_checkout_and_whether_it_was_changed(tmp_path):
+    package = tmp_path / "valuefn"
+    package.mkdir()
+    (package / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'valuefn'\n")
+    assert suite.source_revision(package) is None  # not a git work tree
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    commit = _git(tmp_path, "rev-parse", "HEAD")
+    assert suite.source_revision(package) == {"commit": commit, "modified": False}
+    (tmp_path / "notes.txt").write_text("untracked files change no figure\n")
+    assert suite.source_revision(package)["modified"] is False
+    (package / "__init__.py").write_text("x = 2\n")
+    assert suite.source_revision(package) == {"commit": commit, "modified": True}
+    # The table's first line names it.
+    words = suite._source_words(suite.source_revision(package))
+    assert words == f"; valuefn at {commit[:7]} with changes"
+    assert suite._source_words(None) == ""
+
+
+def test_an_installed_copy_inside_another_repository_has_no_commit(tmp_path):
+    # valuefn installed into a virtual environment kept in some project's repository.
+    package = tmp_path / "venv" / "site-packages" / "valuefn"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'theirs'\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    assert suite.source_revision(package) is None
+    # A valuefn/ at the top of a tree with no pyproject.toml is not a checkout either.
+    top = tmp_path / "other"
+    (top / "valuefn").mkdir(parents=True)
+    (top / "valuefn" / "__init__.py").write_text("")
+    _git(top, "init", "-q")
+    _git(top, "add", ".")
+    _git(top, "commit", "-q", "-m", "one")
+    assert suite.source_revision(top / "valuefn") is None
 
 
 def test_transformer_flops_counts_three_passes_for_training():

@@ -2,7 +2,8 @@
 
 ``valuefn bench`` (or ``python -m benchmarks`` in the repository) runs every
 benchmark module's ``run(quick)``, measures the machine's limits first, and
-writes ``<out>/<backend>-<date>.json`` with the machine, the versions, and for
+writes ``<out>/<backend>-<date>.json`` with the machine, the versions, the
+commit of a valuefn checkout (``source``: None for an installed copy), and for
 every figure its median, min, max, its baseline (with the rounds the figure
 won, where the two were timed in the same rounds) and its fraction of the
 hardware limit. The file is written after each benchmark too, with
@@ -123,6 +124,40 @@ def _machine() -> dict:
     }
 
 
+def source_revision(package: Path | None = None) -> dict | None:
+    """The git commit of the valuefn checkout that runs, and whether its tracked
+    files differ from it; None where valuefn is not imported from a checkout
+    (an installed copy, or a tree without its history).
+
+    ``package`` is valuefn's package folder; it counts as a checkout's only where
+    it is ``valuefn/`` at the top of a git work tree that has a ``pyproject.toml``,
+    so that an installed copy inside another project's repository is not taken
+    for one.
+    """
+    if package is None:
+        package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() / "valuefn" != package.resolve():
+        return None
+    if not (Path(top) / "pyproject.toml").is_file():
+        return None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    if commit is None or status is None:
+        return None
+    return {"commit": commit, "modified": bool(status)}
+
+
 def _load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages: how busy a shared machine was."""
     try:
@@ -206,6 +241,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> di
 
     started = time.time()
     load_before = _load_average()
+    source = source_revision()
     errors, skipped = {}, {}
 
     def record(produced: list, complete: bool) -> dict:
@@ -223,6 +259,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> di
                 "load_average": {"start": load_before, "end": _load_average()},
             },
             "versions": _versions(),
+            "source": source,
             "limits": rates,
             "figures": [
                 _figure_record(name, figure, rates)
@@ -329,7 +366,14 @@ def _run_line(results: dict) -> str:
         + f"; jax {versions['jax']}, "
         f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
         + (" (quick)" if results["quick"] else "")
+        + _source_words(results.get("source"))
     )
+
+
+def _source_words(source: dict | None) -> str:
+    if source is None:
+        return ""
+    return f"; valuefn at {source['commit'][:7]}" + (" with changes" if source["modified"] else "")
 
 
 def read_results(path: str) -> dict:
