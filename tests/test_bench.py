@@ -434,8 +434,9 @@ def test_compare_puts_the_figures_both_runs_hold_side_by_side(monkeypatch, tmp_p
     [
         (None, "cannot read"),
         ("{not json", "is not JSON"),
-        ('{"figures": []}', "is not a results file"),
-        ('{"figures": [], "machine": {}, "versions": {}, "schema": 0}', "has schema 0"),
+        ('{"machine": {}}', "is not a results file"),
+        ('{"figures": [], "schema": 0}', "has schema 0"),
+        ('{"figures": [{"name": "x"}], "schema": 1}', "lacks date, quick, machine"),
     ],
 )
 def test_compare_and_show_name_a_file_they_cannot_read(tmp_path, capsys, content, message):
@@ -451,11 +452,12 @@ def test_compare_and_show_name_a_file_they_cannot_read(tmp_path, capsys, content
     assert message in capsys.readouterr().err
 
 
-def test_show_and_compare_go_alone(capsys, tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text('{"figures": [], "machine": {}, "versions": {}, "schema": 1}')
+def test_show_and_compare_go_alone(monkeypatch, capsys, tmp_path):
+    path = _saved_run(
+        monkeypatch, tmp_path / "run.json", gae=(1.0, 2.0, 4), memory_mib=1, other="o"
+    )
     with pytest.raises(SystemExit):
-        suite.main(["--show", str(path), "--compare", str(path), str(path)])
+        suite.main(["--show", path, "--compare", path, path])
     assert "not allowed with" in capsys.readouterr().err
 
 

@@ -388,13 +388,31 @@ def read_results(path: str) -> dict:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror}") from err
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"{path} is not JSON: {err}") from err
-    if not isinstance(results, dict) or not {"figures", "machine", "versions"} <= set(results):
+    if not isinstance(results, dict) or "figures" not in results:
         raise argparse.ArgumentTypeError(f"{path} is not a results file of valuefn bench")
     if results.get("schema") != SCHEMA:
         raise argparse.ArgumentTypeError(
             f"{path} has schema {results.get('schema')!r}; this valuefn reads schema {SCHEMA}"
         )
+    missing = [
+        f"{where}{key}"
+        for where, record, keys in (
+            ("", results, _RESULTS_KEYS),
+            ("machine.", results.get("machine") or {}, _MACHINE_KEYS),
+            ("versions.", results.get("versions") or {}, ("jax", "torch", "rlax")),
+            *((f"figures[{i}].", f, _FIGURE_KEYS) for i, f in enumerate(results["figures"])),
+        )
+        for key in keys
+        if not isinstance(record, dict) or key not in record
+    ]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{path} lacks {', '.join(missing[:5])}")
     return results
+
+
+_RESULTS_KEYS = ("date", "quick", "machine", "versions", "skipped", "errors")
+_MACHINE_KEYS = ("backend", "device_count", "device_kind", "processor", "cpu_count")
+_FIGURE_KEYS = ("name", "unit", "median", "min", "max", "rate", "baseline", "ratio", "floor")
 
 
 def compare_results(before: dict, after: dict, *, markdown: bool = False) -> str:
