@@ -461,6 +461,43 @@ def test_show_and_compare_go_alone(monkeypatch, capsys, tmp_path):
     assert "not allowed with" in capsys.readouterr().err
 
 
+def _ratios(prefix: str, ratios: dict) -> list[dict]:
+    return [{"name": f"{prefix} {shape}", "ratio": ratio} for shape, ratio in ratios.items()]
+
+
+def test_notes_name_the_horizon_from_which_a_method_beats_scan_at_every_batch():
+    # From T = 1024 up the associative method is ahead at both batch sizes; at 64 it
+    # is ahead at one of them only. pallas is ahead at 64 and at 8192, not at 1024.
+    figures = _ratios(
+        "gae map: associative",
+        {"1x64": 2.0, "64x64": 0.5, "1x1024": 1.2, "64x1024": 1.5, "1x8192": 1.1, "64x8192": 3.0},
+    ) + _ratios("gae map: pallas", {"1x64": 2.0, "1x1024": 0.9, "1x8192": 1.4})
+    assert suite.settings_notes(figures) == [
+        "gae map: associative ahead of scan at every batch size from T = 1024 up"
+        " (measured at T = 64 to 8192)",
+        "gae map: pallas ahead of scan at every batch size from T = 8192 up"
+        " (measured at T = 64 to 8192)",
+    ]
+    behind = _ratios("gae map: associative", {"1x64": 2.0, "1x8192": 1.0})
+    assert suite.settings_notes(behind) == [
+        "gae map: associative behind or level with scan at some batch size even at T = 8192"
+        " (measured at T = 64 to 8192)"
+    ]
+
+
+def test_notes_name_the_fastest_configuration_of_each_pallas_sweep():
+    recursion = _ratios(
+        "pallas recursion, triton, chunks of 32 steps, blocks of", {"32 rows": 0.9, "64 rows": 1.3}
+    )
+    fused = _ratios("pallas gae with a mask, chunks of 16 steps, blocks of", {"8 rows": 1.1})
+    notes = suite.settings_notes(recursion + fused + [{"name": "gae auto 8x8", "ratio": 9.0}])
+    assert notes == [
+        "fastest pallas recursion, triton, chunks of 32 steps, blocks of 64 rows:"
+        " 1.3x its defaults",
+        "fastest pallas gae with a mask, chunks of 16 steps, blocks of 8 rows: 1.1x its defaults",
+    ]
+
+
 def _git(where, *args: str) -> str:
     command = ["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@t", *args]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()

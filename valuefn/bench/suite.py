@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -347,12 +348,43 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
         *([""] if markdown else []),
         format_table(headers, rows, markdown=markdown),
     ]
-    notes = [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
+    notes = settings_notes(results["figures"])
+    notes += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
     notes += [f"FAILED {name}: {why}" for name, why in results["errors"].items()]
     if markdown and notes:
-        notes.insert(0, "")
+        notes = ["", *(f"- {note}" for note in notes)]
     lines += notes
     return "\n".join(lines)
+
+
+def settings_notes(figures: list[dict]) -> list[str]:
+    """What a run says of the settings it maps: for each method of GAE's method
+    map, the shortest horizon from which it beat ``scan`` at every batch size
+    measured, there and at every longer horizon (what ``auto`` is set from), and
+    the fastest configuration of each Pallas sweep against its defaults."""
+    ratios: dict[str, dict[int, list[float]]] = {}
+    for f in figures:
+        mapped = re.fullmatch(r"gae map: (\w+) (\d+)x(\d+)", f["name"])
+        if mapped and f["ratio"] is not None:
+            method, horizon = mapped[1], int(mapped[3])
+            ratios.setdefault(method, {}).setdefault(horizon, []).append(f["ratio"])
+    notes = []
+    for method, by_horizon in ratios.items():
+        horizons = sorted(by_horizon)
+        ahead = [
+            t for i, t in enumerate(horizons) if all(min(by_horizon[u]) > 1 for u in horizons[i:])
+        ]
+        if ahead:
+            says = f"ahead of scan at every batch size from T = {ahead[0]} up"
+        else:
+            says = f"behind or level with scan at some batch size even at T = {horizons[-1]}"
+        notes.append(f"gae map: {method} {says} (measured at T = {horizons[0]} to {horizons[-1]})")
+    for sweep in ("pallas recursion, ", "pallas gae with a mask, "):
+        swept = [f for f in figures if f["name"].startswith(sweep) and f["ratio"] is not None]
+        if swept:
+            best = max(swept, key=lambda f: f["ratio"])
+            notes.append(f"fastest {best['name']}: {best['ratio']:.3g}x its defaults")
+    return notes
 
 
 def _run_line(results: dict) -> str:
