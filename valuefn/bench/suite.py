@@ -319,8 +319,7 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
 
     rows = []
     for f in results["figures"]:
-        floor = f["floor"] or {}
-        fraction = floor.get("fraction")
+        of_limit = _of_limit(f)
         rows.append(
             [
                 f["name"],
@@ -330,7 +329,7 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
                 "" if f["rate"] is None else _si(f["rate"], f"{f['work_unit']}/s"),
                 "" if f["baseline"] is None else f["baseline"]["name"],
                 _versus(f),
-                "" if fraction is None else f"{100 * fraction:.3g}% {floor['limit']}",
+                of_limit and f"{of_limit} {f['floor']['limit']}",
             ]
         )
     headers = [
@@ -351,10 +350,20 @@ def format_results(results: dict, *, markdown: bool = False) -> str:
     notes = settings_notes(results["figures"])
     notes += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
     notes += [f"FAILED {name}: {why}" for name, why in results["errors"].items()]
+    return _with_notes(lines, notes, markdown)
+
+
+def _of_limit(figure: dict) -> str:
+    """The figure's fraction of its hardware limit, ``"61%"``, or ``""`` without one."""
+    fraction = (figure["floor"] or {}).get("fraction")
+    return "" if fraction is None else f"{100 * fraction:.3g}%"
+
+
+def _with_notes(lines: list[str], notes: list[str], markdown: bool) -> str:
+    """``lines`` and then ``notes`` under them, in Markdown as a list after a blank line."""
     if markdown and notes:
         notes = ["", *(f"- {note}" for note in notes)]
-    lines += notes
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def settings_notes(figures: list[dict]) -> list[str]:
@@ -460,10 +469,6 @@ def compare_results(before: dict, after: dict, *, markdown: bool = False) -> str
     earlier = {f["name"]: f for f in before["figures"]}
     later = {f["name"]: f for f in after["figures"]}
 
-    def of_limit(figure: dict) -> str:
-        fraction = (figure["floor"] or {}).get("fraction")
-        return "" if fraction is None else f"{100 * fraction:.3g}%"
-
     rows = [
         [
             name,
@@ -472,8 +477,8 @@ def compare_results(before: dict, after: dict, *, markdown: bool = False) -> str
             f"{earlier[name]['median'] / f['median']:.3g}x",
             _versus(earlier[name]),
             _versus(f),
-            of_limit(earlier[name]),
-            of_limit(f),
+            _of_limit(earlier[name]),
+            _of_limit(f),
         ]
         for name, f in later.items()
         if name in earlier
@@ -500,9 +505,7 @@ def compare_results(before: dict, after: dict, *, markdown: bool = False) -> str
         )
         if names
     ]
-    if markdown and notes:
-        notes.insert(0, "")
-    return "\n".join(lines + notes)
+    return _with_notes(lines, notes, markdown)
 
 
 def results_path(results: dict, out: Path) -> Path:
