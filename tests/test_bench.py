@@ -172,6 +172,14 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
     assert fused.name == "pallas gae with a mask, chunks of 4 steps, blocks of 2 rows 2x16"
     assert "'fused': True, 'chunk': 32" in capsys.readouterr().err
     assert fused.floor_work == targets.gae_bytes(2, 16)
+    # The notes under the table find these figures by their names.
+    records = [suite._figure_record("targets", f, {}) for f in (*mapped, swept, fused)]
+    assert [" ".join(note.split()[:3]) for note in suite.settings_notes(records)] == [
+        "gae map: associative",
+        "gae map: pallas",
+        "fastest pallas recursion,",
+        "fastest pallas gae",
+    ]
 
 
 def test_gae_figures_take_the_right_padded_and_the_general_masked_paths():
