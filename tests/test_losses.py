@@ -161,6 +161,43 @@ def test_masked_junk_changes_neither_loss_nor_gradient(kind, aggregate, clipped)
     np.testing.assert_allclose(grad, expected_grad, **TOL)
 
 
+def test_targets_carry_no_gradient_unless_asked():
+    batch = make_batch((4, 6), seed=3)
+    valid = batch["mask"]
+    grad = jax.grad(vf.value_loss, argnums=1)(batch["values"], batch["targets"], mask=valid)
+    np.testing.assert_array_equal(grad, 0.0)
+    residual_gradient = jax.grad(vf.value_loss, argnums=1)(
+        batch["values"], batch["targets"], mask=valid, stop_target_gradients=False
+    )
+    expected = np.where(valid, batch["targets"] - batch["values"], 0.0) / valid.sum()
+    np.testing.assert_allclose(residual_gradient, expected, **TOL)
+
+
+def test_clip_epsilon_and_huber_delta_may_be_traced():
+    batch = make_batch((4, 6), seed=7)
+
+    @jax.jit
+    def loss(clip_epsilon, huber_delta):
+        options = loss_options(batch, clipped=False, kind="huber", huber_delta=huber_delta)
+        return vf.value_loss(
+            batch["values"],
+            batch["targets"],
+            old_values=batch["old_values"],
+            clip_epsilon=clip_epsilon,
+            **options,
+        )
+
+    for clip_epsilon, huber_delta in [(0.1, 0.5), (0.3, 2.0)]:
+        expected = ref.value_loss(
+            batch["values"],
+            batch["targets"],
+            **loss_options(batch, clipped=False, kind="huber", huber_delta=huber_delta),
+            old_values=batch["old_values"],
+            clip_epsilon=clip_epsilon,
+        )
+        np.testing.assert_allclose(loss(clip_epsilon, huber_delta), expected, **TOL)
+
+
 def test_constant_minimising_the_mse_loss_is_the_mean_return():
     rng = np.random.default_rng(6)
     returns = rng.normal(loc=3.0, scale=2.0, size=(8, 16)).astype(np.float32)
@@ -258,6 +295,32 @@ def test_statistics_ignore_masked_junk_and_give_zero_when_all_masked(name):
     np.testing.assert_array_equal(statistic(junk, np.zeros_like(valid)), 0.0)
 
 
+@pytest.mark.parametrize("name", ["masked_mean", "masked_whiten", "explained_variance"])
+def test_statistics_send_no_nan_gradient_back_from_masked_junk(name):
+    batch = make_batch((4, 6), seed=12)
+    valid = batch["mask"]
+    weights = np.random.default_rng(0).normal(size=valid.shape).astype(np.float32)
+    statistic = {
+        "masked_mean": lambda x, y: vf.masked_mean(x, valid),
+        "masked_whiten": lambda x, y: jnp.sum(weights * vf.masked_whiten(x, valid)),
+        "explained_variance": lambda x, y: vf.explained_variance(x, y, valid),
+    }[name]
+
+    def gradient(fill):
+        values, targets = (np.where(valid, batch[k], fill) for k in ("values", "targets"))
+        return jax.grad(statistic)(values.astype(np.float32), targets.astype(np.float32))
+
+    clean = gradient(0.0)
+    assert np.all(clean[valid] != 0.0)
+    for fill in (np.nan, np.inf):
+        np.testing.assert_allclose(gradient(fill), clean, **TOL)
+    np.testing.assert_array_equal(clean[~valid], 0.0)
+
+
+def test_explained_variance_of_no_steps_is_zero():
+    assert vf.explained_variance(np.zeros((2, 0)), np.zeros((2, 0))) == 0.0
+
+
 # Dtypes, jit and bad input.
 
 
@@ -317,8 +380,10 @@ BAD_LOSS_INPUTS = [
     ({"clip_epsilon": 0.2}, "old_values"),
     ({"old_values": VALUES, "clip_epsilon": 0.0}, "clip_epsilon"),
     ({"old_values": VALUES, "clip_epsilon": -1.0}, "clip_epsilon"),
+    ({"old_values": VALUES, "clip_epsilon": np.full(5, 0.2)}, "clip_epsilon"),
     ({"kind": "l1"}, "kind"),
     ({"kind": "huber", "huber_delta": 0.0}, "huber_delta"),
+    ({"kind": "huber", "huber_delta": None}, "huber_delta"),
     ({"aggregate": "mean"}, "aggregate"),
 ]
 
@@ -338,6 +403,8 @@ def test_bad_loss_input_raises_value_error_naming_the_argument(changes, argument
         (vf.masked_mean, {"x": VALUES, "mask": np.ones(4, bool)}, "mask"),
         (vf.masked_mean, {"x": VALUES.astype(np.complex64)}, "x"),
         (vf.masked_whiten, {"x": VALUES, "mask": np.ones((5, 3), bool)}, "mask"),
+        (vf.masked_whiten, {"x": VALUES, "eps": 0.0}, "eps"),
+        (vf.masked_whiten, {"x": VALUES, "eps": -1.0}, "eps"),
         (
             vf.clip_fraction,
             {"values": VALUES, "targets": VALUES, "old_values": VALUES[0], "clip_epsilon": 0.2},

@@ -46,6 +46,16 @@ def check_broadcastable(name: str, x: Array, shape: tuple[int, ...]) -> Array:
     return x
 
 
+def check_positive(name: str, x) -> None:
+    """Checks a scalar setting that may be traced: its rank always, its sign where known."""
+    if x is None or isinstance(x, bool) or np.ndim(x) != 0:
+        raise ValueError(f"{name} must be a scalar > 0, got {x!r}")
+    as_real(name, x)
+    known = concrete_or_none(x)
+    if known is not None and not known > 0:
+        raise ValueError(f"{name} must be > 0, got {x!r}")
+
+
 def concrete_or_none(x) -> np.ndarray | None:
     """The value of ``x`` as NumPy if it is known at trace time, else None."""
     try:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from valuefn._checks import as_real, check_broadcastable, check_shape
+from valuefn._checks import as_real, check_broadcastable, check_positive, check_shape
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -75,8 +75,10 @@ def masked_whiten(
     Returns:
       float32 array of ``x.shape``; masked entries are 0.
     """
+    check_positive("eps", eps)
     x = as_real("x", x).astype(jnp.float32)
     weights = _weights("mask", mask, x.shape)
+    x = jnp.where(weights != 0, x, 0.0)  # junk there would send NaN gradients back
     mean = masked_mean(x, weights)
     variance = masked_mean(jnp.square(x - mean), weights)
     whitened = (x - mean) * jax.lax.rsqrt(variance + eps)
@@ -91,10 +93,14 @@ def explained_variance(
     """``1 - Var[targets - values] / Var[targets]`` over the masked steps.
 
     1 is a perfect critic, 0 is no better than predicting the mean target,
-    negative is worse. Returns 0 where the targets have no variance.
+    negative is worse. Returns 0 where the targets have no variance, or no steps.
     """
     values, targets = _check_pair(values, targets)
     weights = _weights("mask", mask, targets.shape)
+    if targets.size == 0:
+        return jnp.zeros((), jnp.float32)
+    valid = weights != 0
+    values, targets = jnp.where(valid, values, 0.0), jnp.where(valid, targets, 0.0)
     first_valid = jnp.argmax(weights.ravel() != 0)
 
     def variance(x):
@@ -134,8 +140,7 @@ def _check_clip(
         )
     if old_values is None:
         return None
-    if not clip_epsilon > 0:
-        raise ValueError(f"clip_epsilon must be > 0, got {clip_epsilon!r}")
+    check_positive("clip_epsilon", clip_epsilon)
     old = check_shape("old_values", as_real("old_values", old_values), values.shape)
     return old.astype(jnp.float32)
 
@@ -150,6 +155,7 @@ def value_loss(
     kind: LossKind = "mse",
     huber_delta: float = 1.0,
     aggregate: Aggregate = "token_mean",
+    stop_target_gradients: bool = True,
 ) -> Array:
     """Value regression loss.
 
@@ -158,20 +164,23 @@ def value_loss(
     ``clip_epsilon`` it is the PPO clipped form
     ``max(l(v - y), l(v_clip - y))``, ``v_clip = v_old + clip(v - v_old, -eps, eps)``.
 
-    The targets are used as given: compute them with the kernels in
-    :mod:`valuefn.targets`, which stop their gradient by default.
+    The targets are held constant: no gradient flows into them unless
+    ``stop_target_gradients=False`` (a residual-gradient method). Compute them
+    with the kernels in :mod:`valuefn.targets`.
 
     Args:
       values: predictions ``V(s_t)``, ``[..., T]``.
       targets: same shape as ``values``.
       mask: optional, broadcastable to ``values.shape``.
       old_values: predictions of the critic that collected the data.
-      clip_epsilon: clip range for the clipped loss, > 0.
+      clip_epsilon: clip range for the clipped loss, a scalar > 0 (traced is
+        fine, e.g. from a schedule).
       kind: ``"mse"`` or ``"huber"``.
-      huber_delta: Huber threshold, > 0.
+      huber_delta: Huber threshold, a scalar > 0 (traced is fine).
       aggregate: ``"token_mean"`` (mean over all valid steps),
         ``"sequence_mean"`` (mean over each sequence's valid steps, then over
         sequences that have any) or ``"sum"``.
+      stop_target_gradients: hold ``targets`` constant (the default).
 
     Returns:
       float32 scalar; 0 when every step is masked.
@@ -184,9 +193,11 @@ def value_loss(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    if kind == "huber" and not huber_delta > 0:
-        raise ValueError(f"huber_delta must be > 0, got {huber_delta!r}")
+    if kind == "huber":
+        check_positive("huber_delta", huber_delta)
     values, targets = _check_pair(values, targets)
+    if stop_target_gradients:
+        targets = jax.lax.stop_gradient(targets)
     old = _check_clip(values, old_values, clip_epsilon)
     weights = _weights("mask", mask, values.shape)
     # Zero the masked steps before any arithmetic: masking only the result would
