@@ -147,6 +147,15 @@ def test_token_rewards_ignore_junk_kl_on_masked_tokens_and_accept_traced_coef():
     )
 
 
+def test_token_rewards_send_no_nan_gradient_to_kl_coef_from_masked_junk():
+    def total(coef, fill):
+        kl = np.where(MASK, 1.0, fill).astype(np.float32)
+        return jnp.sum(valuefn.token_rewards(SCORES, MASK, kl=kl, kl_coef=coef))
+
+    for fill in (np.nan, np.inf):
+        assert float(jax.grad(total)(0.1, fill)) == pytest.approx(-MASK.sum())
+
+
 def test_token_rewards_unbatched_sequence():
     out = valuefn.token_rewards(4.0, np.array([1, 1, 0]), kl=np.ones(3), kl_coef=1.0)
     np.testing.assert_allclose(out, [-1.0, 3.0, 0.0])
@@ -236,6 +245,8 @@ def test_response_values_reject_bad_arguments():
         valuefn.response_values(outputs, 2, MASK)
     with pytest.raises(ValueError, match="critic_outputs"):
         valuefn.response_values(np.zeros((4, 8)), 3, MASK)
+    with pytest.raises(ValueError, match=r"critic_outputs .*prompt_length is 4"):
+        valuefn.response_values(outputs, 4, MASK)
 
 
 # --- response_discounts ------------------------------------------------------------------
@@ -329,6 +340,16 @@ def test_adaptive_kl_controller_steers_the_kl_to_its_target():
     assert float(final.kl_coef) == pytest.approx(0.25, rel=0.02)
 
 
+def test_adaptive_kl_controller_keeps_its_state_through_a_bad_batch():
+    controller = valuefn.adaptive_kl_controller(0.2, target=6.0, horizon=1000.0)
+    update = jax.jit(controller.update)
+    start = controller.init()
+    for kl, n_steps in [(np.nan, 64), (np.inf, 64), (0.0, 5000), (0.0, 8192), (1.0, -1)]:
+        assert float(update(start, kl, n_steps).kl_coef) == pytest.approx(0.2)
+    after = update(update(start, np.nan, 64), 6.0 * 1.1, 64)
+    assert float(after.kl_coef) == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000.0), rel=1e-6)
+
+
 def test_kl_controllers_reject_bad_arguments():
     with pytest.raises(ValueError, match="kl_coef"):
         valuefn.fixed_kl_controller(-1.0)
@@ -338,3 +359,11 @@ def test_kl_controllers_reject_bad_arguments():
         valuefn.adaptive_kl_controller(0.1, 1.0, -5.0)
     with pytest.raises(ValueError, match="init_kl_coef"):
         valuefn.adaptive_kl_controller(-0.1, 1.0, 5.0)
+    with pytest.raises(ValueError, match="init_kl_coef"):
+        valuefn.adaptive_kl_controller(0.0, 1.0, 5.0)  # the updates multiply it
+    controller = valuefn.adaptive_kl_controller(0.1, 1.0, 1000.0)
+    for n_steps in (5000, 8192, -1):
+        with pytest.raises(ValueError, match="n_steps"):
+            controller.update(controller.init(), 0.5, n_steps)
+    with pytest.raises(ValueError, match="n_steps"):
+        controller.update(controller.init(), 0.5, np.ones(2))

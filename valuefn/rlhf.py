@@ -143,7 +143,8 @@ def token_rewards(
             raise ValueError("kl_coef is set but kl is None: pass the per-token kl to penalise")
         return rewards
     kl = check_shape("kl", as_real("kl", kl), shape).astype(jnp.float32)
-    penalty = jnp.where(valid, -coef.astype(jnp.float32) * kl, 0.0)
+    # kl is zeroed first: junk there would otherwise send NaN gradients to kl_coef.
+    penalty = jnp.where(valid, -coef.astype(jnp.float32) * jnp.where(valid, kl, 0.0), 0.0)
     return rewards + penalty
 
 
@@ -224,7 +225,11 @@ def response_values(
     outputs = as_real("critic_outputs", critic_outputs)
     shape = valid.shape
     expected = shape[:-1] + (int(prompt_length) + shape[-1],)
-    check_shape("critic_outputs", outputs, expected)
+    if outputs.shape != expected:
+        raise ValueError(
+            f"critic_outputs has shape {outputs.shape}, expected {expected} (response_mask "
+            f"has shape {shape} and prompt_length is {prompt_length})"
+        )
     outputs = outputs.astype(jnp.float32)
 
     start = int(prompt_length) - 1
@@ -292,9 +297,13 @@ def adaptive_kl_controller(
 
     so ``beta`` rises while the KL is above ``target`` and falls while it is
     below, by at most ``max_error * n_steps / horizon`` relative per update.
+    That bound must stay below 1, so that ``beta`` stays positive: a known
+    ``n_steps`` at or past ``horizon / max_error`` raises a ``ValueError``; a
+    traced one there, or a ``kl`` that is not finite (a NaN from a bad batch),
+    leaves the state unchanged.
 
     Args:
-      init_kl_coef: starting ``beta >= 0``.
+      init_kl_coef: starting ``beta > 0`` (the updates multiply it).
       target: the KL to hold, > 0.
       horizon: the number of samples over which the error is corrected, > 0.
       max_error: clip on the proportional error, > 0 (0.2 in the paper).
@@ -302,7 +311,7 @@ def adaptive_kl_controller(
     References:
       Ziegler et al., Fine-Tuning Language Models from Human Preferences, 2019, sec. 2.2.
     """
-    beta = _positive("init_kl_coef", init_kl_coef, allow_zero=True)
+    beta = _positive("init_kl_coef", init_kl_coef)
     target = _positive("target", target)
     horizon = _positive("horizon", horizon)
     max_error = _positive("max_error", max_error)
@@ -311,8 +320,19 @@ def adaptive_kl_controller(
         return KLControllerState(kl_coef=jnp.asarray(beta, jnp.float32))
 
     def update(state: KLControllerState, kl: ArrayLike, n_steps: ArrayLike) -> KLControllerState:
-        error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -max_error, max_error)
-        factor = 1.0 + error * jnp.asarray(n_steps, jnp.float32) / horizon
-        return KLControllerState(kl_coef=state.kl_coef * factor)
+        if np.ndim(n_steps) != 0:
+            raise ValueError(f"n_steps must be a scalar, got shape {np.shape(n_steps)}")
+        known_steps = concrete_or_none(n_steps)
+        if known_steps is not None and not 0 <= known_steps * max_error < horizon:
+            raise ValueError(
+                f"n_steps must be >= 0 and below horizon / max_error = "
+                f"{horizon / max_error:g} so that beta stays positive, got {n_steps!r}"
+            )
+        kl = jnp.asarray(kl, jnp.float32)
+        steps = jnp.asarray(n_steps, jnp.float32)
+        error = jnp.clip(kl / target - 1.0, -max_error, max_error)
+        new = state.kl_coef * (1.0 + error * steps / horizon)
+        usable = jnp.isfinite(kl) & (steps >= 0) & (steps * max_error < horizon)
+        return KLControllerState(kl_coef=jnp.where(usable, new, state.kl_coef))
 
     return KLController(init, update)
