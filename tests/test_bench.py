@@ -442,6 +442,7 @@ def test_compare_puts_the_figures_both_runs_hold_side_by_side(monkeypatch, tmp_p
     [
         (None, "cannot read"),
         ("{not json", "is not JSON"),
+        (b"\x7fELF\xff\xfe", "is not JSON"),
         ('{"machine": {}}', "is not a results file"),
         ('{"figures": [], "schema": 0}', "has schema 0"),
         ('{"figures": [{"name": "x"}], "schema": 1}', "lacks date, quick, machine"),
@@ -449,7 +450,9 @@ def test_compare_puts_the_figures_both_runs_hold_side_by_side(monkeypatch, tmp_p
 )
 def test_compare_and_show_name_a_file_they_cannot_read(tmp_path, capsys, content, message):
     path = tmp_path / "results.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     assert cli.main(["bench", "--show", str(path)]) == 2
     error = capsys.readouterr().err
@@ -458,6 +461,39 @@ def test_compare_and_show_name_a_file_they_cannot_read(tmp_path, capsys, content
         suite.main(["--compare", str(path), str(path)])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_cut_short_keeps_an_earlier_finished_file_and_says_it_was_cut(
+    monkeypatch, tmp_path, capsys
+):
+    def figures(name, *args):
+        return [] if name == "hardware" else [Figure(name, 1.0, 1.0, 1.0)]
+
+    def cut_at_rollout(name, *args):
+        if name == "rollout":
+            raise KeyboardInterrupt  # as a job's time limit would stop it
+        return figures(name)
+
+    argv = ["bench", "--only", "targets,rollout", "--out", str(tmp_path), "--default-xla-flags"]
+    monkeypatch.setattr(suite, "_run_one", figures)
+    assert cli.main(argv) == 0
+    [finished] = tmp_path.glob("*.json")
+    written = finished.read_text()
+
+    monkeypatch.setattr(suite, "_run_one", cut_at_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert finished.read_text() == written
+    partial = finished.with_name(finished.stem + "-partial.json")
+    assert json.loads(partial.read_text())["ran"] == ["hardware", "targets"]
+    capsys.readouterr()
+    assert cli.main(["bench", "--show", str(partial)]) == 0
+    assert "; cut short, not run: rollout" in capsys.readouterr().out.splitlines()[0]
+
+    monkeypatch.setattr(suite, "_run_one", figures)
+    assert cli.main(argv) == 0
+    assert list(tmp_path.glob("*.json")) == [finished]
+    assert "cut short" not in suite.format_results(json.loads(finished.read_text()))
 
 
 def test_show_and_compare_go_alone(monkeypatch, capsys, tmp_path):

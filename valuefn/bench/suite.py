@@ -8,8 +8,11 @@ every figure its median, min, max, its baseline (with the rounds the figure
 won, where the two were timed in the same rounds) and its fraction of the
 hardware limit. The file is written after each benchmark too, with
 ``"complete": false`` until the last, so that a run cut short by a job's time
-limit keeps what it measured. ``--quick`` runs everything at tiny sizes, to
-check that it runs; its file is named ``...-quick.json``. ``--show FILE`` prints
+limit keeps what it measured; until then the file is named
+``...-partial.json``, so that an earlier finished run's file is not replaced
+by a run cut short. ``--only`` names its benchmarks in the file's name, and
+``--quick`` runs everything at tiny sizes, to check that it runs; its file is
+named ``...-quick.json``. ``--show FILE`` prints
 a saved run's table and ``--compare BEFORE AFTER`` two saved runs' figures side
 by side (:func:`compare_results`), without running anything.
 """
@@ -255,6 +258,7 @@ def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> di
             "quick": quick,
             "complete": complete,
             "benchmarks": names,
+            "ran": [name for name, _ in produced],
             "machine": {
                 **_machine(),
                 "load_average": {"start": load_before, "end": _load_average()},
@@ -408,7 +412,15 @@ def _run_line(results: dict) -> str:
         f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
         + (" (quick)" if results["quick"] else "")
         + _source_words(results.get("source"))
+        + _cut_short_words(results)
     )
+
+
+def _cut_short_words(results: dict) -> str:
+    if results.get("complete", True):
+        return ""
+    left = [name for name in results["benchmarks"] if name not in results.get("ran", [])]
+    return "; cut short" + (f", not run: {', '.join(left)}" if left else "")
 
 
 def _source_words(source: dict | None) -> str:
@@ -427,7 +439,7 @@ def read_results(path: str) -> dict:
         results = json.loads(Path(path).read_text())
     except OSError as err:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {err.strerror}") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise argparse.ArgumentTypeError(f"{path} is not JSON: {err}") from err
     if not isinstance(results, dict) or "figures" not in results:
         raise argparse.ArgumentTypeError(f"{path} is not a results file of valuefn bench")
@@ -509,12 +521,14 @@ def compare_results(before: dict, after: dict, *, markdown: bool = False) -> str
 
 
 def results_path(results: dict, out: Path) -> Path:
-    """``out/<backend>-<date>[-<benchmarks>][-quick].json``."""
+    """``out/<backend>-<date>[-<benchmarks>][-quick][-partial].json``."""
     parts = [results["machine"]["backend"], results["date"][:10]]
     if results["benchmarks"] != list(BENCHMARKS):
         parts.append("+".join(results["benchmarks"][1:]) or "hardware")
     if results["quick"]:
         parts.append("quick")
+    if not results.get("complete", True):
+        parts.append("partial")
     return out / ("-".join(parts) + ".json")
 
 
@@ -590,6 +604,7 @@ def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
     print(format_results(results, markdown=args.markdown))
     if not args.no_save:
         print(f"wrote {save(results)}")
+        results_path({**results, "complete": False}, Path(args.out)).unlink(missing_ok=True)
     return 1 if results["errors"] else 0
 
 
