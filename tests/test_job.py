@@ -135,6 +135,31 @@ def test_train_command_writes_every_output_and_resumes_identically(tmp_path, cap
     assert [line["value_loss"] for line in resumed_lines] == [line["value_loss"] for line in lines]
 
 
+def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(TINY_TOML)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config_file), "--quiet", "--out", str(run)]) == 0
+    resume = ["train", "--quiet", "--out", str(run), "--resume"]
+    capsys.readouterr()
+
+    for argv_tail, message in [
+        ([], "has trained 3 iterations already; pass --iterations above 3"),
+        (["--iterations", "3"], "pass --iterations above 3"),
+        (["--iterations", "4", "--gamma", "0.5"], "gamma (1.0 in the run, 0.5 asked)"),
+        (["--iterations", "4", "--config", str(tmp_path / "wide.toml")], "critic.d_model (16"),
+    ]:
+        (tmp_path / "wide.toml").write_text("[critic]\nd_model = 32")
+        assert cli.main([*resume, *argv_tail]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+    # No --config: the tiny critic and task come from the run's config.json.
+    assert cli.main([*resume, "--iterations", "4"]) == 0
+    assert [line["iteration"] for line in metrics_of(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "config.json").read_text())["critic"]["d_model"] == 16
+
+
 @pytest.mark.parametrize(
     "argv_tail, contents, message",
     [
@@ -145,6 +170,12 @@ def test_train_command_writes_every_output_and_resumes_identically(tmp_path, cap
         ([], "learning_rat = 0.1", "learning_rat"),
         ([], "[task]\nnum_turns = 0", "num_turns"),
         ([], "num_minibatches = 5", "num_minibatches"),
+        ([], "seed = 1.5", "seed must be an integer"),
+        ([], "[critic]\nnum_heads = 3", "num_heads=3 must divide d_model=64"),
+        ([], '[task]\nturn_weights = [1, 2, "x"]', "turn_weights must be a list of numbers"),
+        (["--seed", str(2**64)], None, "seed must lie in [0, 2**32)"),
+        (["--gamma", "1.5"], "seed = 1", "flags: gamma"),
+        (["--fsdp", "3"], None, "--fsdp"),
     ],
 )
 def test_bad_flags_and_config_exit_2_with_one_line(tmp_path, capsys, argv_tail, contents, message):
@@ -157,6 +188,15 @@ def test_bad_flags_and_config_exit_2_with_one_line(tmp_path, capsys, argv_tail, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_or_a_resume_without_a_checkpoint_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["train", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "empty" / "checkpoint").mkdir(parents=True)
+    assert cli.main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
 
 
 def test_missing_config_file_exits_2(tmp_path, capsys):

@@ -19,12 +19,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _read_config(args: argparse.Namespace):
+def _read_config(args: argparse.Namespace, base=None):
+    """The job's config: ``base`` (the defaults if None), then the config file, then flags."""
     import tomllib
 
-    from valuefn.job import config_from_dict
+    from valuefn.job import TrainConfig, config_from_dict
 
-    values = {}
+    config = TrainConfig() if base is None else base
     if args.config is not None:
         try:
             values = tomllib.loads(Path(args.config).read_text())
@@ -32,20 +33,72 @@ def _read_config(args: argparse.Namespace):
             raise UsageError(f"cannot read config file {args.config}: {err.strerror}") from err
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"config file {args.config} is not valid TOML: {err}") from err
-    for name in ("iterations", "seed", "gamma", "lam"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+        try:
+            config = config_from_dict(values, config)
+        except ValueError as err:
+            raise UsageError(f"{args.config}: {err}") from err
+    flags = {name: getattr(args, name) for name in ("iterations", "seed", "gamma", "lam")}
     try:
-        return config_from_dict(values)
+        return config_from_dict({k: v for k, v in flags.items() if v is not None}, config)
     except ValueError as err:
-        raise UsageError(f"{args.config or 'flags'}: {err}") from err
+        raise UsageError(f"flags: {err}") from err
+
+
+def _resumed_config(args: argparse.Namespace, out: Path):
+    """The config of the run in ``out``, as saved; only ``iterations`` may change."""
+    import dataclasses
+    import json
+
+    from valuefn import checkpoint
+    from valuefn.job import config_from_dict
+
+    step = checkpoint.latest_step(out / "checkpoint")
+    if step is None:
+        raise UsageError(f"--resume: no checkpoint in {out} (pass the --out of the run)")
+    try:
+        saved = config_from_dict(json.loads((out / "config.json").read_text()))
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"--resume: cannot read the run's settings, {out}/config.json: {err}"
+        ) from err
+    config = _read_config(args, base=saved)
+    asked = _flat(dataclasses.asdict(config))
+    changed = [
+        f"{name} ({value!r} in the run, {asked[name]!r} asked)"
+        for name, value in _flat(dataclasses.asdict(saved)).items()
+        if name != "iterations" and asked[name] != value
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume continues a run with its own settings (only --iterations may change), "
+            f"but {out}/config.json differs in {', '.join(changed)}"
+        )
+    if config.iterations <= step:
+        raise UsageError(
+            f"--resume: the run in {out} has trained {step} iterations already; "
+            f"pass --iterations above {step} to train on"
+        )
+    return dataclasses.replace(saved, iterations=config.iterations)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """``{"critic": {"d_model": 64}}`` -> ``{"critic.d_model": 64}``."""
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = _read_config(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if args.resume and not (out / "checkpoint").exists():
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if args.resume and not (out / "checkpoint").is_dir():
         raise UsageError(f"--resume: no checkpoint in {out} (pass the --out of the run)")
+    config = _resumed_config(args, out) if args.resume else _read_config(args)
 
     import jax
 
@@ -55,7 +108,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.distributed:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.distributed or args.fsdp > 1 or jax.device_count() > 1:
-        mesh = distributed.make_mesh(fsdp=args.fsdp)
+        try:
+            mesh = distributed.make_mesh(fsdp=args.fsdp)
+        except ValueError as err:
+            raise UsageError(f"--fsdp: {err}") from err
     print(
         f"valuefn train: {config.iterations} iterations of {config.batch_size} dialogues "
         f"on {jax.device_count()} {jax.default_backend()} device(s); writing to {out}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +46,14 @@ class CriticConfig:
     num_heads: int = 4
     remat: bool = False
     scan_layers: bool = False
+
+    def __post_init__(self):
+        for name in ("d_model", "num_layers", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +101,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        # jax.random.key keeps 32 bits of a seed unless 64-bit types are enabled.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -116,23 +130,25 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig = TrainConfig()) 
     """``base`` with the entries of ``values`` (as read from TOML) replaced.
 
     The tables ``[critic]`` and ``[task]`` set the nested configs; lists become
-    tuples. Unknown keys raise ``ValueError`` naming them.
+    tuples. Unknown keys, and values of another type than the field's (a
+    float for an int, a string for a number), raise ``ValueError`` naming them.
     """
     nested = {"critic": CriticConfig, "task": DialogueConfig}
 
     def replace(config, entries: dict[str, Any], where: str):
-        known = {f.name for f in dataclasses.fields(config)}
-        unknown = sorted(set(entries) - known)
+        types = typing.get_type_hints(type(config))
+        unknown = sorted(set(entries) - set(types))
         if unknown:
-            raise ValueError(f"unknown {where} key(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown {where} key(s) {unknown}; known: {sorted(types)}")
         changes = {}
         for name, value in entries.items():
             if name in nested and where == "config":
                 if not isinstance(value, dict):
                     raise ValueError(f"{name} must be a table, got {value!r}")
                 value = replace(getattr(config, name), value, f"[{name}]")
-            elif isinstance(value, list):
-                value = tuple(value)
+            else:
+                label = name if where == "config" else f"{where} {name}"
+                value = _typed(label, value, types[name])
             changes[name] = value
         try:
             return dataclasses.replace(config, **changes)
@@ -140,6 +156,26 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig = TrainConfig()) 
             raise ValueError(f"bad {where} entry: {err}") from err
 
     return replace(base, values, "config")
+
+
+def _typed(name: str, value: Any, kind: Any) -> Any:
+    """``value`` as a config field of type ``kind``: an int, float, bool, str or tuple of floats."""
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if kind is float and number(value):
+        return float(value)
+    if kind == tuple[float, ...] and isinstance(value, (list, tuple)) and all(map(number, value)):
+        return tuple(float(x) for x in value)
+    if (
+        kind in (int, bool, str)
+        and isinstance(value, kind)
+        and not (kind is int and isinstance(value, bool))
+    ):
+        return value
+    wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    raise ValueError(f"{name} must be {wanted.get(kind, 'a list of numbers')}, got {value!r}")
 
 
 def make_critic(config: TrainConfig) -> TransformerValue:
