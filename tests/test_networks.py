@@ -492,6 +492,16 @@ def test_bad_arguments_raise_value_error_naming_them():
         valuefn.MLPValue(3, (4,), rngs=nnx.Rngs(0))(jnp.ones((2, 5)))
     with pytest.raises(ValueError, match="hidden_sizes"):
         valuefn.MLPValue(3, (4, 0), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        valuefn.MLPValue(3, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="d_model"):
+        valuefn.TransformerValue(
+            10, d_model=16.0, num_layers=1, num_heads=2, max_len=8, rngs=nnx.Rngs(0)
+        )
+    for bad_id in (-1, VOCAB):
+        tokens = jnp.ones((2, 4), jnp.int32).at[1, 3].set(bad_id)
+        with pytest.raises(ValueError, match=rf"tokens must lie in \[0, vocab_size={VOCAB}\)"):
+            tiny_transformer()(tokens)
     head = valuefn.ValueHead(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), 6, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hidden_size"):
         head(jnp.ones((2, 3)))

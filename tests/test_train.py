@@ -223,6 +223,37 @@ def test_non_finite_step_leaves_params_and_optimizer_state_untouched():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host(state.params)))
 
 
+def test_empty_or_non_finite_batches_change_nothing_with_decay_or_normaliser():
+    # AdamW decays the weights and moves its moments even on a zero gradient, and
+    # the normaliser would move its statistics: a step that is not taken must not.
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    graphdef, state = valuefn.init_train_state(make_model(head_seed=3), optimizer)
+    update_step = valuefn.make_update_step(
+        graphdef, optimizer, normalizer=valuefn.ReturnNormalizer()
+    )
+    state, _ = update_step(state, make_batch(seed=0, scale=10.0, shift=100.0))
+    before = host(state)
+
+    batch = make_batch(seed=1, scale=10.0, shift=100.0)
+    inputs = batch.inputs.copy()
+    inputs[3, 2] = np.nan
+    for spoilt in (
+        batch._replace(mask=np.zeros_like(batch.mask)),
+        batch._replace(inputs=inputs),
+    ):
+        state, metrics = update_step(state, spoilt)
+        assert int(metrics["skipped"]) == 1
+        assert_trees_equal(state, before)
+
+    epochs_step = valuefn.make_epochs_step(
+        graphdef, optimizer, num_epochs=2, num_minibatches=2, normalizer=valuefn.ReturnNormalizer()
+    )
+    inputs[:, 2] = np.nan  # every minibatch spoilt
+    state, metrics = epochs_step(state, batch._replace(inputs=inputs), jax.random.key(0))
+    assert int(metrics["skipped"]) == 4
+    assert_trees_equal(state, before)
+
+
 def test_update_step_donates_its_state():
     model = make_model()
     optimizer = optax.sgd(0.1)
@@ -386,6 +417,8 @@ def test_epochs_step_counts_skipped_minibatches():
     assert int(metrics["skipped"]) == 3
     assert int(state.step) == 3 * 4 - 3
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host(state.params)))
+    # The metrics are those of the 9 steps taken, not NaN from the 3 skipped.
+    assert all(np.isfinite(float(value)) for value in metrics.values())
 
 
 def test_epochs_step_with_normalizer_moves_statistics_once_per_call():
@@ -438,6 +471,9 @@ def test_bad_arguments_raise_value_error_naming_them():
     epochs_step = valuefn.make_epochs_step(graphdef, optimizer, num_epochs=1, num_minibatches=3)
     with pytest.raises(ValueError, match="must divide the batch size 8"):
         epochs_step(state, make_batch(), jax.random.key(0))
+    epochs_step = valuefn.make_epochs_step(graphdef, optimizer, num_epochs=1, num_minibatches=2)
+    with pytest.raises(ValueError, match=r"batch.mask has shape \(8, 3\)"):
+        epochs_step(state, make_batch()._replace(mask=np.ones((8, 3))), jax.random.key(0))
     update_step = valuefn.make_update_step(graphdef, optimizer)
     batch = make_batch()
     with pytest.raises(ValueError, match="targets"):

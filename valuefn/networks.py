@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from valuefn._checks import concrete_or_none
+
 Array = jax.Array
 
 # GPT-2 initialisation: N(0, 0.02) weights and embeddings, zero biases; the
@@ -143,6 +145,13 @@ def _apply_head(head: nnx.Linear, features: Array) -> Array:
     return head(features.astype(jnp.float32))[..., 0]
 
 
+def _check_sizes(**sizes: Any) -> None:
+    """Each size is a Python int >= 1 (a ValueError naming it otherwise)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def _check_features(name: str, x: Array, features: int) -> Array:
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != features:
@@ -175,10 +184,11 @@ class MLPValue(nnx.Module):
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if in_features < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features!r}")
-        if any(size < 1 for size in hidden_sizes):
-            raise ValueError(f"hidden_sizes must all be >= 1, got {tuple(hidden_sizes)!r}")
+        _check_sizes(in_features=in_features)
+        if not isinstance(hidden_sizes, Sequence):
+            raise ValueError(f"hidden_sizes must be a sequence of widths, got {hidden_sizes!r}")
+        for i, size in enumerate(hidden_sizes):
+            _check_sizes(**{f"hidden_sizes[{i}]": size})
         self.in_features = in_features
         self.activation = activation
         sizes = (in_features, *hidden_sizes)
@@ -211,8 +221,7 @@ class ValueHead(nnx.Module):
     """
 
     def __init__(self, backbone: nnx.Module, hidden_size: int, *, rngs: nnx.Rngs):
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {hidden_size!r}")
+        _check_sizes(hidden_size=hidden_size)
         self.backbone = backbone
         self.hidden_size = hidden_size
         self.head = _zero_head(hidden_size, rngs)
@@ -474,15 +483,13 @@ class TransformerValue(nnx.Module):
         scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
-        for name, value in [
-            ("vocab_size", vocab_size),
-            ("d_model", d_model),
-            ("num_layers", num_layers),
-            ("num_heads", num_heads),
-            ("max_len", max_len),
-        ]:
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        _check_sizes(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            max_len=max_len,
+        )
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         self.vocab_size = vocab_size
@@ -508,7 +515,16 @@ class TransformerValue(nnx.Module):
         self.head = _zero_head(d_model, rngs)
 
     def __call__(self, tokens: Array) -> Array:
-        """``tokens [B, T]`` integer ids, ``T <= max_len`` -> values ``[B, T]`` float32."""
+        """``tokens [B, T]`` integer ids, ``T <= max_len`` -> values ``[B, T]`` float32.
+
+        Ids must lie in ``[0, vocab_size)``; known ones outside raise a
+        ``ValueError``. Under ``jit`` they cannot be checked, and they act as
+        ``jnp.take`` makes them: an id past the end embeds as NaN, which the
+        attention carries to every value of its row (and the update step then
+        skips the batch), and a negative id counts from the end. Padding is
+        input like any other token: pad with an id in range, and left padding
+        moves the positions the other tokens are seen at.
+        """
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.max_len:
             raise ValueError(
@@ -517,6 +533,16 @@ class TransformerValue(nnx.Module):
             )
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+        known = concrete_or_none(tokens)
+        if (
+            known is not None
+            and known.size
+            and not (0 <= known.min() and known.max() < self.vocab_size)
+        ):
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={self.vocab_size}), got ids from "
+                f"{int(known.min())} to {int(known.max())}"
+            )
         x = self.token_embed(tokens) + self.position_embed(jnp.arange(tokens.shape[1]))
         run_block = nnx.remat(_run_block) if self.remat else _run_block
         if self.scan_layers:

@@ -9,7 +9,8 @@ The loss is the semi-gradient value loss of :func:`valuefn.value_loss`: the
 targets enter under ``jax.lax.stop_gradient``, so a target computed from the
 network's own predictions is still a constant to the gradient (TD learning,
 not the residual-gradient method). A step whose loss or gradients are not
-finite leaves the parameters and the optimiser state unchanged and reports
+finite, or whose batch has no valid step, leaves the state (parameters,
+optimiser state, step count and return statistics) unchanged and reports
 ``skipped = 1``.
 
 Optionally the targets are normalised by running statistics with the PopArt
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from valuefn._checks import check_broadcastable
 from valuefn.losses import clip_fraction, explained_variance, masked_mean, value_loss
 
 Array = jax.Array
@@ -293,11 +295,14 @@ def _gradient_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # An empty batch would still move the optimiser's moments and decay the weights.
+    weights = 1.0 if batch.mask is None else jnp.asarray(batch.mask, jnp.float32)
+    has_steps = jnp.any(jnp.broadcast_to(weights, targets.shape) != 0)
+    applied = jnp.isfinite(loss) & _all_finite(grads) & has_steps
     new_state = TrainState(
-        step=state.step + finite.astype(jnp.int32),
-        params=_where_tree(finite, params, state.params),
-        opt_state=_where_tree(finite, opt_state, state.opt_state),
+        step=state.step + applied.astype(jnp.int32),
+        params=_where_tree(applied, params, state.params),
+        opt_state=_where_tree(applied, opt_state, state.opt_state),
         return_stats=state.return_stats,
     )
 
@@ -316,7 +321,7 @@ def _gradient_step(
         "grad_norm": optax.tree.norm(grads),
         "value_mean": masked_mean(values, batch.mask),
         "target_mean": masked_mean(targets, batch.mask),
-        "skipped": 1 - finite.astype(jnp.int32),
+        "skipped": 1 - applied.astype(jnp.int32),
     }
     return new_state, metrics
 
@@ -343,8 +348,9 @@ def make_update_step(
     ``L(phi) = aggregate_t l(V_phi(x_t) - sg(y_t))`` (:func:`valuefn.value_loss`)
     with one ``optimizer`` update: ``phi <- phi + optimizer(grad L)``. ``sg`` is
     ``stop_gradient``, so this is the semi-gradient even if the targets were
-    computed from the same network. If the loss or any gradient is not finite
-    the parameters and optimiser state are kept and ``skipped`` is 1.
+    computed from the same network. If the loss or any gradient is not
+    finite, or no step of the batch is valid, the whole state is kept (the
+    return statistics too) and ``skipped`` is 1.
 
     The step is pure, compiles once per input shape and donates ``state``: do
     not use the ``state`` you passed in after the call.
@@ -368,8 +374,15 @@ def make_update_step(
     _check_loss_options(loss_options)
 
     def update_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        state = _normalize(normalizer, state, batch)
-        return _gradient_step(graphdef, optimizer, normalizer, loss_options, state, batch)
+        new, metrics = _gradient_step(
+            graphdef,
+            optimizer,
+            normalizer,
+            loss_options,
+            _normalize(normalizer, state, batch),
+            batch,
+        )
+        return _where_tree(metrics["skipped"] == 0, new, state), metrics
 
     return jax.jit(update_step, donate_argnums=0)
 
@@ -405,8 +418,10 @@ def make_epochs_step(
     Returns:
       ``epochs_step(state, batch, key)``, jitted, donating ``state``; ``key`` is a
       ``jax.random`` key for the shuffles. Its metrics are those of
-      :func:`make_update_step` averaged over all ``num_epochs * num_minibatches``
-      steps, except ``skipped``, which is their sum.
+      :func:`make_update_step` averaged over the ``num_epochs * num_minibatches``
+      steps that were applied (over all of them if none was), except
+      ``skipped``, which counts the others. If every step was skipped the state
+      is returned unchanged, return statistics included.
     """
     num_epochs = _positive_int("num_epochs", num_epochs)
     num_minibatches = _positive_int("num_minibatches", num_minibatches)
@@ -416,6 +431,7 @@ def make_epochs_step(
     def epochs_step(state: TrainState, batch: Batch, key: Array):
         batch = _split_ready(batch, num_minibatches)
         size = batch.targets.shape[0]
+        start = state
         state = _normalize(normalizer, state, batch)
 
         def epoch(state, epoch_key):
@@ -427,9 +443,19 @@ def make_epochs_step(
             return jax.lax.scan(step, state, minibatches)
 
         state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
-        summary = {name: jnp.mean(value) for name, value in metrics.items()}
+        applied = metrics["skipped"] == 0
+        summary = {
+            # A skipped step's metrics may be NaN; they would hide those of the rest.
+            name: jnp.where(
+                jnp.any(applied),
+                masked_mean(jnp.where(applied, value, 0.0), applied),
+                jnp.mean(value),
+            )
+            for name, value in metrics.items()
+            if name != "skipped"
+        }
         summary["skipped"] = jnp.sum(metrics["skipped"])
-        return state, summary
+        return _where_tree(jnp.any(applied), state, start), summary
 
     return jax.jit(epochs_step, donate_argnums=0)
 
@@ -447,7 +473,8 @@ def _split_ready(batch: Batch, num_minibatches: int) -> Batch:
         )
     mask = batch.mask
     if mask is not None:
-        mask = jnp.broadcast_to(jnp.asarray(mask), targets.shape)
+        mask = check_broadcastable("batch.mask", jnp.asarray(mask), targets.shape)
+        mask = jnp.broadcast_to(mask, targets.shape)
     batch = batch._replace(targets=targets, mask=mask)
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != size:
