@@ -374,15 +374,13 @@ def make_update_step(
     _check_loss_options(loss_options)
 
     def update_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        normalized = _normalize(normalizer, state, batch)
         new, metrics = _gradient_step(
-            graphdef,
-            optimizer,
-            normalizer,
-            loss_options,
-            _normalize(normalizer, state, batch),
-            batch,
+            graphdef, optimizer, normalizer, loss_options, normalized, batch
         )
-        return _where_tree(metrics["skipped"] == 0, new, state), metrics
+        if normalizer is not None:  # a skipped step keeps the statistics and head too
+            new = _where_tree(metrics["skipped"] == 0, new, state)
+        return new, metrics
 
     return jax.jit(update_step, donate_argnums=0)
 
@@ -455,7 +453,9 @@ def make_epochs_step(
             if name != "skipped"
         }
         summary["skipped"] = jnp.sum(metrics["skipped"])
-        return _where_tree(jnp.any(applied), state, start), summary
+        if normalizer is not None:
+            state = _where_tree(jnp.any(applied), state, start)
+        return state, summary
 
     return jax.jit(epochs_step, donate_argnums=0)
 
