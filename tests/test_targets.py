@@ -501,15 +501,6 @@ def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
     assert_gae_matches_reference(call(vf.gae, inputs, 0.8, method="pallas"), inputs, 0.8)
 
 
-def test_fused_pallas_gae_ignores_final_values_without_truncations(small_fused_pallas):
-    # As every method does: final values are read at truncations only.
-    inputs = make_episode((2, 8), seed=6, truncations=False)
-    final_values = np.full((2, 8), 5.0).tolist()
-    got = call(vf.gae, {**inputs, "final_values": final_values}, 0.8, method="pallas")
-    for g, e in zip(got, call(vf.gae, inputs, 0.8, method="pallas"), strict=True):
-        np.testing.assert_array_equal(g, e)
-
-
 def test_fused_pallas_gae_vmaps(small_fused_pallas):
     inputs = make_episode((3, 2, 8), seed=5, truncations=False)
     positional, options = split(inputs)
@@ -612,6 +603,40 @@ def test_masked_junk_gives_finite_gradients_when_targets_are_not_stopped():
         for grad in jax.grad(total, argnums=(0, 1))(junk["values"], junk["rewards"]):
             assert np.all(np.isfinite(grad)), name
             np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+
+
+@pytest.mark.parametrize("masked", [True, "run"])
+def test_n_step_targets_under_a_mask_with_64_bit_types_enabled(masked):
+    inputs = make_episode((3, 7), seed=12, masked=masked, truncations=False)
+    with jax.enable_x64(True):
+        got = call(vf.n_step_targets, inputs, 2)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, call(ref.n_step_targets, inputs, 2), **TOL)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_final_values_where_no_step_is_cut_change_nothing(name, masked):
+    """NaN or inf in final values where no valid step is cut changes neither the
+    targets nor, with targets not stopped, their gradients."""
+    kernel, _ = KERNELS[name]
+    clean = make_episode((4, 6), seed=11, masked=masked)
+    read = clean["truncated"] & clean.get("mask", True)
+    junk = {**clean, "final_values": np.where(read, clean["final_values"], np.inf)}
+    junk["final_values"][1::2] = np.where(read[1::2], clean["final_values"][1::2], np.nan)
+
+    def total(inputs, rewards, values, discounts):
+        changed = {**inputs, "rewards": rewards, "values": values, "discounts": discounts}
+        return jnp.sum(call(kernel, changed, stop_target_gradients=False))
+
+    arrays = (clean["rewards"], clean["values"], clean["discounts"])
+    np.testing.assert_allclose(call(kernel, junk), call(kernel, clean), **TOL)
+    for got, expected in zip(
+        jax.grad(total, argnums=(1, 2, 3))(junk, *arrays),
+        jax.grad(total, argnums=(1, 2, 3))(clean, *arrays),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, expected, **TOL)
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
@@ -1113,6 +1138,8 @@ BAD_INPUTS = [
     ("td_targets", {"truncated": np.zeros((5, 3), bool)}, "truncated"),
     ("td_targets", {"final_values": np.zeros((3, 4))}, "final_values"),
     ("td_targets", {"final_values": None}, "final_values"),
+    ("td_targets", {"truncated": None}, "truncated"),
+    ("gae", {"rewards": [[1.0, 2.0], [3.0]]}, "rewards"),
     ("td_errors", {"values": np.zeros((3, 6))}, "values"),
     ("n_step_targets", {"n": 0}, "n"),
     ("n_step_targets", {"n": -2}, "n"),
@@ -1147,7 +1174,12 @@ def test_bad_input_raises_value_error_naming_the_argument(name, changes, argumen
         getattr(vf, name)(**kwargs)
 
 
-@pytest.mark.parametrize("gamma", [-0.1, 1.5])
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan"), np.full(2, 0.9)])
 def test_discount_factor_outside_unit_interval_raises(gamma):
     with pytest.raises(ValueError, match=r"\bgamma\b"):
         vf.discounts(gamma, np.zeros(3, bool))
+
+
+def test_discounts_name_terminated_when_it_is_not_real():
+    with pytest.raises(ValueError, match=r"\bterminated\b"):
+        vf.discounts(0.9, "no")

@@ -17,7 +17,7 @@ def as_real(name: str, x, *, allow_bool: bool = False) -> Array:
     """``x`` as an array of real numbers; bool only where ``allow_bool``."""
     try:
         x = jnp.asarray(x)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # a ragged list, None, a string
         raise ValueError(
             f"{name} must be an array of real numbers, got {type(x).__name__}"
         ) from err

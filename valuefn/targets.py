@@ -4,7 +4,10 @@ Every kernel takes time-last arrays ``[..., T]`` with any number of leading
 batch axes (none included) and returns float32 ``[..., T]``:
 
 - ``values[..., t] = V(s_t)``; ``bootstrap_value[...] = V(s_T)``, the value after
-  the last step.
+  the last step. Its value does not matter where the last valid step ends the
+  episode or is cut, but it must be finite there too: the recursions multiply
+  it by that step's discount of 0, and 0 * NaN is NaN. (Replacing it there
+  would cost the kernels an extra pass over the mask.)
 - ``discounts[..., t] = gamma_t``, broadcastable to ``[..., T]``: gamma where the
   episode goes on after step t, 0 where ``s_{t+1}`` is terminal.
 - ``mask[..., t]`` (optional): 1 for real steps. A masked step is skipped as if
@@ -70,13 +73,12 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
     Returns:
       float32 ``[..., T]`` discounts.
     """
+    terminated = as_real("terminated", terminated, allow_bool=True)
+    gamma = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
     g = concrete_or_none(gamma)
-    if g is not None and (np.any(g < 0) or np.any(g > 1)):
+    if g is not None and not np.all((g >= 0) & (g <= 1)):  # NaN fails too
         raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
-    terminated = jnp.asarray(terminated)
-    return jnp.where(terminated.astype(bool), 0.0, jnp.asarray(gamma, jnp.float32)).astype(
-        jnp.float32
-    )
+    return jnp.where(terminated != 0, 0.0, gamma.astype(jnp.float32)).astype(jnp.float32)
 
 
 class _Checked(NamedTuple):
@@ -125,8 +127,13 @@ def _check(
         final_values = f32(
             check_broadcastable("final_values", as_real("final_values", final_values), shape)
         )
-    else:
-        final_values = None  # read at truncations only
+        # Zeroed where not read: junk there would send NaN gradients (0 * NaN) back.
+        read = truncated != 0 if mask is None else (truncated != 0) & (mask != 0)
+        final_values = jnp.where(read, final_values, 0.0)
+    elif final_values is not None:
+        raise ValueError(
+            "final_values is read at truncations only: pass truncated with it (or neither)"
+        )
     return _Checked(
         f32(rewards),
         f32(values),
@@ -808,9 +815,11 @@ def _run_bounds(valid: Array) -> tuple[Array, Array]:
     t = jnp.arange(horizon, dtype=jnp.int32)
     first = _run_starts(valid)  # the run's first step: one per row, or none
     if horizon < 2**15:  # start in the high 16 bits of the sum, the length in the low
-        packed = jnp.sum(jnp.where(first, t << 16, 0) + valid, axis=-1, keepdims=True)
+        packed = jnp.sum(
+            jnp.where(first, t << 16, 0) + valid, axis=-1, dtype=jnp.int32, keepdims=True
+        )
         return packed >> 16, packed & 0xFFFF
-    start = jnp.sum(jnp.where(first, t, 0), axis=-1, keepdims=True)
+    start = jnp.sum(jnp.where(first, t, 0), axis=-1, dtype=jnp.int32, keepdims=True)
     return start, jnp.sum(valid, axis=-1, dtype=jnp.int32, keepdims=True)
 
 
@@ -911,13 +920,13 @@ def gae(
       Schulman et al., High-Dimensional Continuous Control Using Generalized
       Advantage Estimation, 2016.
     """
-    method = _resolve_method(method, np.shape(rewards)[-1] if np.ndim(rewards) else 0)
+    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    shape = checked.rewards.shape
+    method = _resolve_method(method, shape[-1])
     # Where it can, pallas reads the inputs in its own kernels (valuefn/_pallas_gae.py).
     fused = (
-        method == "pallas"
-        and _pallas_gae.block_rows(np.shape(rewards), chunk=_pallas_gae.CHUNK) is not None
+        method == "pallas" and _pallas_gae.block_rows(shape, chunk=_pallas_gae.CHUNK) is not None
     )
-    checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
     lam = _check_lambda(lambda_, checked.rewards.shape)
     if fused:
         advantages, returns = _gae_pallas(
