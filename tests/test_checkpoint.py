@@ -160,3 +160,15 @@ def test_bad_arguments_raise_value_error_naming_them(tmp_path):
         checkpoint.restore(tmp_path / "one", state, step=6)
     with pytest.raises(ValueError, match="target"):
         checkpoint.restore(tmp_path / "one", state.params)
+
+
+def test_restore_into_another_model_names_the_checkpoint_and_target(tmp_path):
+    _, _, state = make_problem()
+    checkpoint.save(tmp_path / "one", state, 5)
+    for sizes in ((32,), (16, 16)):  # another width; another number of layers
+        optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+        _, other = valuefn.init_train_state(
+            valuefn.MLPValue(STEPS, sizes, rngs=nnx.Rngs(0)), optimizer
+        )
+        with pytest.raises(ValueError, match=r"step 5 in .* does not fit target"):
+            checkpoint.restore(tmp_path / "one", other)

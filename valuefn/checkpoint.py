@@ -103,7 +103,14 @@ def restore(
         elif step not in steps:
             raise ValueError(f"no checkpoint for step {step!r} in {str(directory)!r}; has {steps}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as err:
+            raise ValueError(
+                f"the checkpoint for step {step} in {str(directory)!r} does not fit target, "
+                f"a state of another model or optimiser (sizes, layers or scan_layers "
+                f"differ): {err}"
+            ) from err
     return state, step
 
 
