@@ -83,7 +83,9 @@ def updates_on_meshes(update_step, initial, batch, prefix: str = "") -> dict[str
             if "fsdp" in tuple(leaf.sharding.spec)
         ]
         results[f"{prefix}sharded_params/{shape}"] = np.array(sharded, dtype=str)
+        compiled = update_step._cache_size()
         state, _ = run_updates(update_step, state, distributed.shard_batch(batch, mesh))
+        results[f"{prefix}compiles/{shape}"] = np.array(update_step._cache_size() - compiled)
         results.update({f"{prefix}{shape}/{k}": v for k, v in flat_params(state).items()})
     return results
 

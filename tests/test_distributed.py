@@ -102,6 +102,12 @@ def test_fsdp_shards_the_stacked_blocks_of_a_scanned_transformer(mesh_results):
     assert len(mesh_results["scanned/sharded_params/8x1"]) == 0
 
 
+@pytest.mark.parametrize("shape", ["8x1", "4x2", "1x8"])
+def test_sharded_update_step_compiles_once_for_its_repeated_steps(mesh_results, shape):
+    # The state the step returns must carry the shardings shard_state gave it.
+    assert int(mesh_results[f"compiles/{shape}"]) == 1
+
+
 def test_fsdp_really_shards_parameters(mesh_results):
     assert len(mesh_results["sharded_params/8x1"]) == 0
     assert len(mesh_results["sharded_params/4x2"]) > 0
@@ -136,10 +142,27 @@ def test_mesh_larger_than_devices_raises():
         distributed.make_mesh(jax.device_count() + 1)
 
 
+def test_bad_mesh_arguments_raise_value_errors_naming_them(monkeypatch):
+    device = jax.devices()[0]
+    with pytest.raises(ValueError, match="devices"):
+        distributed.make_mesh(devices=[])
+    with pytest.raises(ValueError, match="devices"):
+        distributed.make_mesh(2, devices=[device, device])
+    assert distributed.make_mesh(np.int64(1), devices=[device]).shape["data"] == 1
+    other = jax.make_mesh((1,), ("batch",), devices=[device])
+    with pytest.raises(ValueError, match="mesh must have the axes"):
+        distributed.shard_batch(np.zeros((2, 3)), other)
+    with pytest.raises(ValueError, match="min_size"):
+        distributed.shard_state({"w": np.zeros(4)}, distributed.make_mesh(), min_size=None)
+    monkeypatch.setenv("VALUEFN_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="VALUEFN_NUM_PROCESSES"):
+        distributed.initialize()
+
+
 @pytest.mark.parametrize(
     "shape, spec",
     [
-        ((64, 32), ("fsdp", None)),
+        ((64, 32), ("fsdp",)),
         ((6, 64), (None, "fsdp")),
         ((7, 9), ()),
         ((16,), ()),

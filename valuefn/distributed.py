@@ -19,6 +19,7 @@ over all devices, and give :func:`shard_batch` each process's own rows.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import TypeVar
 
@@ -52,9 +53,9 @@ def initialize(
     if coordinator_address is None:
         coordinator_address = env.get("VALUEFN_COORDINATOR_ADDRESS")
     if num_processes is None and "VALUEFN_NUM_PROCESSES" in env:
-        num_processes = int(env["VALUEFN_NUM_PROCESSES"])
+        num_processes = _int_from_env("VALUEFN_NUM_PROCESSES")
     if process_id is None and "VALUEFN_PROCESS_ID" in env:
-        process_id = int(env["VALUEFN_PROCESS_ID"])
+        process_id = _int_from_env("VALUEFN_PROCESS_ID")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
@@ -64,6 +65,26 @@ def initialize(
         num_processes=num_processes,
         process_id=process_id,
     )
+
+
+def _int_from_env(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError as err:
+        raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from err
+
+
+def _is_size(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+
+def _axis_sizes(mesh: Mesh) -> tuple[int, int]:
+    """The sizes of ``mesh``'s ``data`` and ``fsdp`` axes (a ValueError if it lacks one)."""
+    if not all(name in mesh.shape for name in BATCH_AXES):
+        raise ValueError(
+            f"mesh must have the axes {BATCH_AXES} (see make_mesh), got {tuple(mesh.shape)}"
+        )
+    return mesh.shape["data"], mesh.shape["fsdp"]
 
 
 def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
@@ -78,14 +99,17 @@ def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
       A mesh of shape ``(data, fsdp)``.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(fsdp, int) or fsdp < 1:
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct devices, at least one, got {devices!r}")
+    if not _is_size(fsdp):
         raise ValueError(f"fsdp must be an int >= 1, got {fsdp!r}")
     if data is None:
         if len(devices) % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
         data = len(devices) // fsdp
-    if not isinstance(data, int) or data < 1:
+    if not _is_size(data):
         raise ValueError(f"data must be an int >= 1, got {data!r}")
+    data, fsdp = int(data), int(fsdp)
     if data * fsdp > len(devices):
         raise ValueError(
             f"mesh (data={data}, fsdp={fsdp}) needs {data * fsdp} devices, "
@@ -125,11 +149,11 @@ def shard_batch(batch: T, mesh: Mesh) -> T:
         shapes = [np.shape(leaf) for leaf in leaves]
         raise ValueError(f"batch arrays must share a leading batch axis, got shapes {shapes}")
     global_rows = rows.pop() * jax.process_count()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_rows % shards:
+    data, fsdp = _axis_sizes(mesh)
+    if global_rows % (data * fsdp):
         raise ValueError(
             f"batch size {global_rows} does not divide over the mesh's data axis "
-            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} = {shards} shards)"
+            f"(data={data} x fsdp={fsdp} = {data * fsdp} shards)"
         )
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
@@ -147,12 +171,16 @@ def parameter_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> Partitio
     if not divisible:
         return PartitionSpec()
     axis = max(divisible, key=lambda a: shape[a])
-    return PartitionSpec(*(["fsdp" if a == axis else None for a in range(len(shape))]))
+    # No trailing Nones: jit gives its outputs the shortest spec, and a state
+    # placed with a longer one would miss the compiled step's cache once.
+    return PartitionSpec(*[None] * axis, "fsdp")
 
 
 def state_shardings(state: T, mesh: Mesh, *, min_size: int = 1024) -> T:
     """The sharding :func:`shard_state` gives each array of ``state``."""
-    fsdp = mesh.shape["fsdp"]
+    _, fsdp = _axis_sizes(mesh)
+    if not _is_size(min_size):
+        raise ValueError(f"min_size must be an int >= 1, got {min_size!r}")
     return jax.tree.map(
         lambda leaf: NamedSharding(mesh, parameter_spec(np.shape(leaf), fsdp, min_size)), state
     )
