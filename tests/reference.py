@@ -248,6 +248,8 @@ def clip_fraction(values, targets, old_values, clip_epsilon, *, mask=None) -> fl
     active = []
     for i in np.ndindex(values.shape):
         if valid[i]:
-            v_clip = clipped_value(values[i], old_values[i], clip_epsilon)
-            active.append((v_clip - targets[i]) ** 2 > (values[i] - targets[i]) ** 2)
+            # In float64 old + (v - old) is v exactly, as in exact arithmetic.
+            v, old, y = (float(x[i]) for x in (values, old_values, targets))
+            v_clip = clipped_value(v, old, clip_epsilon)
+            active.append((v_clip - y) ** 2 > (v - y) ** 2)
     return float(np.mean(active)) if active else 0.0

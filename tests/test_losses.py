@@ -116,6 +116,16 @@ def test_clip_fraction_matches_reference(shape, masked):
     np.testing.assert_allclose(out, ref.clip_fraction(*args, mask=batch.get("mask")), **TOL)
 
 
+def test_clip_fraction_is_zero_inside_the_clip_range():
+    # old + (v - old) rounds to v give or take an ulp in float32; no step is clipped.
+    rng = np.random.default_rng(21)
+    old = rng.normal(scale=0.1, size=(64, 64)).astype(np.float32)
+    values = (old + rng.uniform(-0.19, 0.19, size=old.shape)).astype(np.float32)
+    targets = rng.normal(scale=0.1, size=old.shape).astype(np.float32)
+    assert ref.clip_fraction(values, targets, old, 0.2) == 0.0
+    assert float(vf.clip_fraction(values, targets, old, 0.2)) == 0.0
+
+
 # Gradients and optimisation.
 
 

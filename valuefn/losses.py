@@ -241,5 +241,8 @@ def clip_fraction(
     values, targets = _check_pair(values, targets)
     old = _check_clip(values, old_values, clip_epsilon)
     clipped = _clipped_values(values, old, clip_epsilon)
-    active = jnp.square(clipped - targets) > jnp.square(values - targets)
+    # Inside the range old + (v - old) rounds to v give or take an ulp, which must
+    # not count as clipped.
+    outside = jnp.abs(values - old) > clip_epsilon
+    active = outside & (jnp.square(clipped - targets) > jnp.square(values - targets))
     return masked_mean(active.astype(jnp.float32), mask)
