@@ -211,6 +211,22 @@ def test_undervalued_early_turns_are_reported():
     assert report.undervalued_turns(metrics) == [0, 1]
     metrics = {"value_by_turn": [0.95, 1.02, 1.0], "return_by_turn": [1.0, 1.0, 1.0]}
     assert report.undervalued_turns(metrics) == []
+    # A NaN return (a turn no dialogue reached) neither hides nor invents a warning.
+    for returns in ([np.nan, 1.0, 1.0], [1.0, np.nan, 1.0]):
+        metrics = {"value_by_turn": [0.0, 0.0, 0.0], "return_by_turn": returns}
+        assert report.undervalued_turns(metrics) == [k for k in (0, 1) if returns[k] == 1.0]
+
+
+def test_curves_plot_histories_with_non_finite_metrics(tmp_path):
+    from valuefn import report
+
+    history = [
+        {"iteration": i + 1, "value_loss": loss, "explained_variance": ev}
+        for i, (loss, ev) in enumerate([(1.0, -np.inf), (np.nan, np.nan), (0.5, 0.3)])
+    ]
+    for length in (1, 3):
+        report.plot_curves(history[:length], tmp_path / "curves.png")
+        assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_critic_table_scans_the_layers_when_asked():

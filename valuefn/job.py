@@ -404,7 +404,7 @@ def run(
             advance(line)
             if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.iterations:
                 checkpoint.save(out / "checkpoint", state, i + 1)
-    if is_main:
+    if is_main and history:
         report.plot_curves(history, out / "curves.png")
         report.plot_value_by_turn(history[-1], out / "value_by_turn.png")
     return history[-1] if history else {}

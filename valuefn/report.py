@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     loss_axis.set(xlabel="iteration", ylabel="value loss", yscale="log", title="Value loss")
     ev_axis.plot(iterations, [h["explained_variance"] for h in history])
     ev_axis.set(xlabel="iteration", ylabel="explained variance", title="Explained variance")
-    ev_axis.set_ylim(min(-0.1, *(h["explained_variance"] for h in history)), 1.0)
+    finite = [h["explained_variance"] for h in history if math.isfinite(h["explained_variance"])]
+    ev_axis.set_ylim(min([-0.1, *finite]), 1.0)
     for axis in (loss_axis, ev_axis):
         axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -95,7 +97,7 @@ def undervalued_turns(metrics: dict[str, Any]) -> list[int]:
     per-token discount, say): the policy then learns to end conversations early.
     """
     values, returns = metrics["value_by_turn"], metrics["return_by_turn"]
-    scale = max(max(abs(r) for r in returns), 1e-6)
+    scale = max([abs(r) for r in returns if math.isfinite(r)] + [1e-6])
     return [
         k for k in range(len(values) - 1) if returns[k] - values[k] > UNDERVALUED_FRACTION * scale
     ]
