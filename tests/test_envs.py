@@ -136,6 +136,10 @@ def test_random_walk_config_rejects_bad_values():
         RandomWalkConfig(num_states=3, start_state=3)
     with pytest.raises(ValueError, match="gamma"):
         random_walk_values(RandomWalkConfig(), 0.5, 1.5)
+    with pytest.raises(ValueError, match="num_states must be an integer"):
+        RandomWalkConfig(num_states=2.5)
+    with pytest.raises(ValueError, match="start_state must be an integer or None"):
+        RandomWalkConfig(start_state=True)
 
 
 # --- dialogue task -----------------------------------------------------------------------
@@ -286,3 +290,13 @@ def test_dialogue_config_rejects_bad_values():
         DialogueConfig(min_prompt_length=9)
     with pytest.raises(ValueError, match="batch_size"):
         sample_dialogues(jax.random.key(0), 0)
+    with pytest.raises(ValueError, match=r"\bkey\b"):
+        sample_dialogues(0, 2)
+    for field, value, message in [
+        ("hidden_size", 2.5, "hidden_size must be an integer"),
+        ("turn_weights", [1.0, 0.5, 0.25], "turn_weights must be a tuple"),
+        ("eos_bias", float("nan"), "eos_bias must be a finite number"),
+        ("seed", -1, "seed must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DialogueConfig(**{field: value})

@@ -172,7 +172,7 @@ def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
         ([], "num_minibatches = 5", "num_minibatches"),
         ([], "seed = 1.5", "seed must be an integer"),
         ([], "[critic]\nnum_heads = 3", "num_heads=3 must divide d_model=64"),
-        ([], '[task]\nturn_weights = [1, 2, "x"]', "turn_weights must be a list of numbers"),
+        ([], '[task]\nturn_weights = [1, 2, "x"]', "turn_weights must be a list of finite numbers"),
         (["--seed", str(2**64)], None, "seed must lie in [0, 2**32)"),
         (["--gamma", "1.5"], "seed = 1", "flags: gamma"),
         (["--fsdp", "3"], None, "--fsdp"),

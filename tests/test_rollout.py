@@ -1,5 +1,7 @@
 """Tests for valuefn.rollout: hand-checked auto-resets and a one-env-at-a-time reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,7 +247,7 @@ def test_continued_rollouts_chain_through_the_returned_state():
         assert np.argmax(second.obs[i, 0]) == position[i]
 
 
-def test_rollout_rejects_bad_counts():
+def test_rollout_rejects_bad_counts_keys_and_value_functions():
     state = valuefn.reset_envs(WALK_ENV, jax.random.key(0), 2)
     with pytest.raises(ValueError, match="num_steps"):
         valuefn.rollout(
@@ -260,3 +262,21 @@ def test_rollout_rejects_bad_counts():
         )
     with pytest.raises(ValueError, match="num_envs"):
         valuefn.reset_envs(WALK_ENV, jax.random.key(0), 0)
+    run = functools.partial(
+        valuefn.rollout, WALK_ENV, noisy_walk_policy, POLICY_PARAMS, num_steps=3
+    )
+    for key in (0, np.zeros(2, np.float32), jax.random.split(jax.random.key(1), 2)):
+        with pytest.raises(ValueError, match=r"\bkey\b"):
+            run(walk_value, WALK_VALUE_PARAMS, state, key)
+        with pytest.raises(ValueError, match=r"\bkey\b"):
+            valuefn.reset_envs(WALK_ENV, key, 2)
+    assert run(walk_value, WALK_VALUE_PARAMS, state, jax.random.PRNGKey(1))[0].rewards.shape == (
+        2,
+        3,
+    )
+
+    def value_of_shape_1(params, obs):  # a Linear(F, 1) head, say
+        return walk_value(params, obs)[None]
+
+    with pytest.raises(ValueError, match=r"value_fn must return a scalar .* \(1,\)"):
+        run(value_of_shape_1, WALK_VALUE_PARAMS, state, jax.random.key(1))

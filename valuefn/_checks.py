@@ -6,6 +6,11 @@ and fails before any computation with a message naming the argument.
 
 from __future__ import annotations
 
+import math
+import numbers
+import types
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +59,62 @@ def check_positive(name: str, x) -> None:
     known = concrete_or_none(x)
     if known is not None and not known > 0:
         raise ValueError(f"{name} must be > 0, got {x!r}")
+
+
+def check_key(name: str, key) -> Array:
+    """``key`` as one PRNG key: a ``jax.random.key`` or a legacy uint32 ``PRNGKey``."""
+    try:
+        key = jnp.asarray(key)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a PRNG key, got {type(key).__name__}") from err
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{name} must be one PRNG key, got an array of keys {key.shape}")
+    elif key.dtype != jnp.uint32 or key.ndim != 1:
+        raise ValueError(
+            f"{name} must be a PRNG key (jax.random.key(seed)), got a {key.dtype} array "
+            f"of shape {key.shape}"
+        )
+    return key
+
+
+def config_value(name: str, value, kind):
+    """``value`` as a config field annotated ``kind``: an int, a float (an int is
+    taken, NaN and inf are not), a bool, a str, a tuple of floats (from a list
+    too), or one of these or None. Other values raise a ValueError naming ``name``."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else ()
+    if type(None) in options:
+        if value is None:
+            return None
+        (kind,) = [option for option in options if option is not type(None)]
+
+    def number(x) -> bool:
+        return isinstance(x, (numbers.Real)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if kind is float and number(value):
+        return float(value)
+    if kind == tuple[float, ...] and isinstance(value, (list, tuple)) and all(map(number, value)):
+        return tuple(float(x) for x in value)
+    if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind in (bool, str) and isinstance(value, kind):
+        return value
+    wanted = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+    wanted = wanted.get(kind, "a list of finite numbers") + (" or None" if options else "")
+    raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def check_config(config) -> None:
+    """Checks the fields of a dataclass config that :func:`config_value` knows; a
+    tuple field must be a tuple (configs are hashed as static arguments of jit)."""
+    for name, kind in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        simple = kind in (int, float, bool, str) or kind == tuple[float, ...]
+        if not (simple or isinstance(kind, types.UnionType)):
+            continue
+        config_value(name, value, kind)
+        if kind == tuple[float, ...] and not isinstance(value, tuple):
+            raise ValueError(f"{name} must be a tuple of numbers, got {value!r}")
 
 
 def concrete_or_none(x) -> np.ndarray | None:

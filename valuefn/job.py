@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from valuefn._checks import check_config, config_value
 from valuefn.distributed import batch_sharding, shard_state
 from valuefn.envs.dialogue import DialogueConfig, Dialogues, dialogue_models, sample_dialogues
 from valuefn.losses import explained_variance, masked_mean
@@ -48,6 +49,7 @@ class CriticConfig:
     scan_layers: bool = False
 
     def __post_init__(self):
+        check_config(self)
         for name in ("d_model", "num_layers", "num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -97,6 +99,7 @@ class TrainConfig:
     task: DialogueConfig = DialogueConfig()
 
     def __post_init__(self):
+        check_config(self)
         for name in ("iterations", "batch_size", "num_epochs", "num_minibatches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -148,7 +151,7 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig = TrainConfig()) 
                 value = replace(getattr(config, name), value, f"[{name}]")
             else:
                 label = name if where == "config" else f"{where} {name}"
-                value = _typed(label, value, types[name])
+                value = config_value(label, value, types[name])
             changes[name] = value
         try:
             return dataclasses.replace(config, **changes)
@@ -156,26 +159,6 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig = TrainConfig()) 
             raise ValueError(f"bad {where} entry: {err}") from err
 
     return replace(base, values, "config")
-
-
-def _typed(name: str, value: Any, kind: Any) -> Any:
-    """``value`` as a config field of type ``kind``: an int, float, bool, str or tuple of floats."""
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    if kind is float and number(value):
-        return float(value)
-    if kind == tuple[float, ...] and isinstance(value, (list, tuple)) and all(map(number, value)):
-        return tuple(float(x) for x in value)
-    if (
-        kind in (int, bool, str)
-        and isinstance(value, kind)
-        and not (kind is int and isinstance(value, bool))
-    ):
-        return value
-    wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    raise ValueError(f"{name} must be {wanted.get(kind, 'a list of numbers')}, got {value!r}")
 
 
 def make_critic(config: TrainConfig) -> TransformerValue:

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from valuefn._checks import check_key
+
 Array = jax.Array
 PyTree = Any
 
@@ -117,7 +119,7 @@ def reset_envs(env: Environment, key: Array, num_envs: int) -> RolloutState:
     Returns:
       a :class:`RolloutState` with leaves ``[num_envs, ...]``.
     """
-    keys = jax.random.split(key, _check_count("num_envs", num_envs))
+    keys = jax.random.split(check_key("key", key), _check_count("num_envs", num_envs))
     env_state, obs = jax.vmap(env.reset)(keys)
     return RolloutState(env_state, obs)
 
@@ -170,12 +172,23 @@ def rollout(
       the target kernels expect), and the state to continue from.
     """
     num_steps = _check_count("num_steps", num_steps)
+    key = check_key("key", key)
     leaves = jax.tree.leaves(state.obs)
     if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
         raise ValueError("state.obs must have leaves with a leading num_envs axis")
     num_envs = jnp.shape(leaves[0])[0]
     act = jax.vmap(policy, in_axes=(None, 0, 0))
-    value = jax.vmap(value_fn, in_axes=(None, 0))
+    vmapped_value = jax.vmap(value_fn, in_axes=(None, 0))
+
+    def value(params, obs):
+        values = vmapped_value(params, obs)
+        if jnp.shape(values) != (num_envs,):
+            raise ValueError(
+                f"value_fn must return a scalar for each observation, got shape "
+                f"{jnp.shape(values)[1:]}"
+            )
+        return values
+
     env_step = jax.vmap(env.step)
     env_reset = jax.vmap(env.reset)
 

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from valuefn._checks import check_config, check_key
+
 Array = jax.Array
 
 PAD = 0
@@ -84,6 +86,7 @@ class DialogueConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_config(self)
         if self.vocab_size <= FIRST_ORDINARY:
             raise ValueError(f"vocab_size must be > {FIRST_ORDINARY}, got {self.vocab_size}")
         if not 1 <= self.min_prompt_length <= self.prompt_length:
@@ -104,6 +107,8 @@ class DialogueConfig:
                 f"turn_weights needs num_turns={self.num_turns} entries, "
                 f"got {len(self.turn_weights)}"
             )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.reference_noise < 0:
             raise ValueError(f"reference_noise must be >= 0, got {self.reference_noise}")
 
@@ -368,6 +373,7 @@ def sample_dialogues(
     if models is None:
         models = dialogue_models(config)
     models = jax.tree.map(jnp.asarray, models)
+    key = check_key("key", key)
     # All the randomness in one draw (one random-bits kernel to compile): Gumbel
     # noise for the prompt's words and the response's tokens, and one uniform for
     # the prompt's length.

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from valuefn._checks import check_config
 from valuefn.rollout import Environment
 
 Array = jax.Array
@@ -53,6 +54,7 @@ class RandomWalkConfig:
     start_state: int | None = None
 
     def __post_init__(self):
+        check_config(self)
         if self.num_states < 1:
             raise ValueError(f"num_states must be >= 1, got {self.num_states}")
         if self.max_steps < 1:
