@@ -67,7 +67,8 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
     """Per-step discounts ``gamma_t = gamma * (1 - terminated_t)``.
 
     Args:
-      gamma: discount factor in [0, 1], a scalar or broadcastable to ``terminated``.
+      gamma: discount factor in [0, 1], a scalar or broadcastable to ``terminated``;
+        checked where known at trace time.
       terminated: ``[..., T]`` bool or 0/1; true where ``s_{t+1}`` is terminal.
 
     Returns:
@@ -899,7 +900,8 @@ def gae(
     at terminations (``gamma_t = 0``) and at truncations, and skips masked steps.
 
     Args:
-      lambda_: in [0, 1], a scalar or broadcastable to ``[..., T]``.
+      lambda_: in [0, 1], a scalar or broadcastable to ``[..., T]``; a value
+        known at trace time is checked, a traced one (a schedule) is not.
       method: ``"scan"`` (a reverse ``lax.scan`` over the steps' affine maps
         ``A -> delta_t + c_t A`` composed in blocks of a few steps),
         ``"associative"`` (``lax.associative_scan`` over the same maps),
