@@ -51,6 +51,15 @@ def check_broadcastable(name: str, x: Array, shape: tuple[int, ...]) -> Array:
     return x
 
 
+def check_count(name: str, value, *, numpy: bool = True) -> int:
+    """``value`` as an int >= 1: a Python int, or a NumPy integer too unless
+    ``numpy=False``; bool is not taken. A ValueError naming ``name`` otherwise."""
+    kinds = (int, np.integer) if numpy else int
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def check_positive(name: str, x) -> None:
     """Checks a scalar setting that may be traced: its rank always, its sign where known."""
     if x is None or isinstance(x, bool) or np.ndim(x) != 0:

@@ -19,13 +19,14 @@ over all devices, and give :func:`shard_batch` each process's own rows.
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from valuefn._checks import check_count
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -74,10 +75,6 @@ def _int_from_env(name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from err
 
 
-def _is_size(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
-
-
 def _axis_sizes(mesh: Mesh) -> tuple[int, int]:
     """The sizes of ``mesh``'s ``data`` and ``fsdp`` axes (a ValueError if it lacks one)."""
     if not all(name in mesh.shape for name in BATCH_AXES):
@@ -101,15 +98,12 @@ def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if not devices or len(set(devices)) != len(devices):
         raise ValueError(f"devices must be distinct devices, at least one, got {devices!r}")
-    if not _is_size(fsdp):
-        raise ValueError(f"fsdp must be an int >= 1, got {fsdp!r}")
+    fsdp = check_count("fsdp", fsdp)
     if data is None:
         if len(devices) % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
         data = len(devices) // fsdp
-    if not _is_size(data):
-        raise ValueError(f"data must be an int >= 1, got {data!r}")
-    data, fsdp = int(data), int(fsdp)
+    data = check_count("data", data)
     if data * fsdp > len(devices):
         raise ValueError(
             f"mesh (data={data}, fsdp={fsdp}) needs {data * fsdp} devices, "
@@ -179,8 +173,7 @@ def parameter_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> Partitio
 def state_shardings(state: T, mesh: Mesh, *, min_size: int = 1024) -> T:
     """The sharding :func:`shard_state` gives each array of ``state``."""
     _, fsdp = _axis_sizes(mesh)
-    if not _is_size(min_size):
-        raise ValueError(f"min_size must be an int >= 1, got {min_size!r}")
+    check_count("min_size", min_size)
     return jax.tree.map(
         lambda leaf: NamedSharding(mesh, parameter_spec(np.shape(leaf), fsdp, min_size)), state
     )

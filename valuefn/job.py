@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from valuefn._checks import check_config, config_value
+from valuefn._checks import check_config, check_count, config_value
 from valuefn.distributed import batch_sharding, shard_state
 from valuefn.envs.dialogue import DialogueConfig, Dialogues, dialogue_models, sample_dialogues
 from valuefn.losses import explained_variance, masked_mean
@@ -51,9 +51,7 @@ class CriticConfig:
     def __post_init__(self):
         check_config(self)
         for name in ("d_model", "num_layers", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, getattr(self, name), numpy=False)
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
 
@@ -101,9 +99,7 @@ class TrainConfig:
     def __post_init__(self):
         check_config(self)
         for name in ("iterations", "batch_size", "num_epochs", "num_minibatches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, getattr(self, name), numpy=False)
         # jax.random.key keeps 32 bits of a seed unless 64-bit types are enabled.
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")

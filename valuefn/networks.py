@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valuefn._checks import concrete_or_none
+from valuefn._checks import check_count, concrete_or_none
 
 Array = jax.Array
 
@@ -145,13 +145,6 @@ def _apply_head(head: nnx.Linear, features: Array) -> Array:
     return head(features.astype(jnp.float32))[..., 0]
 
 
-def _check_sizes(**sizes: Any) -> None:
-    """Each size is a Python int >= 1 (a ValueError naming it otherwise)."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def _check_features(name: str, x: Array, features: int) -> Array:
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != features:
@@ -184,11 +177,11 @@ class MLPValue(nnx.Module):
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _check_sizes(in_features=in_features)
+        check_count("in_features", in_features, numpy=False)
         if not isinstance(hidden_sizes, Sequence):
             raise ValueError(f"hidden_sizes must be a sequence of widths, got {hidden_sizes!r}")
         for i, size in enumerate(hidden_sizes):
-            _check_sizes(**{f"hidden_sizes[{i}]": size})
+            check_count(f"hidden_sizes[{i}]", size, numpy=False)
         self.in_features = in_features
         self.activation = activation
         sizes = (in_features, *hidden_sizes)
@@ -221,7 +214,7 @@ class ValueHead(nnx.Module):
     """
 
     def __init__(self, backbone: nnx.Module, hidden_size: int, *, rngs: nnx.Rngs):
-        _check_sizes(hidden_size=hidden_size)
+        check_count("hidden_size", hidden_size, numpy=False)
         self.backbone = backbone
         self.hidden_size = hidden_size
         self.head = _zero_head(hidden_size, rngs)
@@ -483,13 +476,14 @@ class TransformerValue(nnx.Module):
         scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
-        _check_sizes(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            max_len=max_len,
-        )
+        for name, size in [
+            ("vocab_size", vocab_size),
+            ("d_model", d_model),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("max_len", max_len),
+        ]:
+            check_count(name, size, numpy=False)
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         self.vocab_size = vocab_size

@@ -31,9 +31,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from valuefn._checks import check_key
+from valuefn._checks import check_count, check_key
 
 Array = jax.Array
 PyTree = Any
@@ -83,12 +82,6 @@ class Trajectory(NamedTuple):
     bootstrap_value: Array  # [num_envs] float32, V of the observation after the last step
 
 
-def _check_count(name: str, n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be a Python int >= 1, got {n!r}")
-    return int(n)
-
-
 def _select(pred: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     """Per-environment ``where`` over matching pytrees with leaves ``[num_envs, ...]``."""
 
@@ -105,7 +98,7 @@ def step_keys(key: Array, num_envs: int) -> Array:
     ``[i, 2]`` for ``reset`` if it finishes. :func:`rollout` derives step ``t``'s
     ``key`` as ``jax.random.split(key, num_steps)[t]``.
     """
-    return jax.random.split(key, (_check_count("num_envs", num_envs), 3))
+    return jax.random.split(key, (check_count("num_envs", num_envs), 3))
 
 
 def reset_envs(env: Environment, key: Array, num_envs: int) -> RolloutState:
@@ -119,7 +112,7 @@ def reset_envs(env: Environment, key: Array, num_envs: int) -> RolloutState:
     Returns:
       a :class:`RolloutState` with leaves ``[num_envs, ...]``.
     """
-    keys = jax.random.split(check_key("key", key), _check_count("num_envs", num_envs))
+    keys = jax.random.split(check_key("key", key), check_count("num_envs", num_envs))
     env_state, obs = jax.vmap(env.reset)(keys)
     return RolloutState(env_state, obs)
 
@@ -171,7 +164,7 @@ def rollout(
       ``[num_envs, num_steps, ...]`` (time last for rewards, flags and values, as
       the target kernels expect), and the state to continue from.
     """
-    num_steps = _check_count("num_steps", num_steps)
+    num_steps = check_count("num_steps", num_steps)
     key = check_key("key", key)
     leaves = jax.tree.leaves(state.obs)
     if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):

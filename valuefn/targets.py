@@ -32,7 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from valuefn import _gae_maps, _pallas_gae
-from valuefn._checks import as_real, check_broadcastable, check_shape, concrete_or_none
+from valuefn._checks import (
+    as_real,
+    check_broadcastable,
+    check_count,
+    check_shape,
+    concrete_or_none,
+)
 from valuefn._pallas_scan import reverse_linear_pallas
 
 Array = jax.Array
@@ -760,8 +766,7 @@ def n_step_targets(
     References:
       Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 7.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a Python int >= 1, got {n!r}")
+    n = check_count("n", n)
     checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
 
     horizon = checked.rewards.shape[-1]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from valuefn._checks import check_broadcastable
+from valuefn._checks import check_broadcastable, check_count
 from valuefn.losses import clip_fraction, explained_variance, masked_mean, value_loss
 
 Array = jax.Array
@@ -385,12 +385,6 @@ def make_update_step(
     return jax.jit(update_step, donate_argnums=0)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a Python int >= 1, got {value!r}")
-    return value
-
-
 def make_epochs_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -421,8 +415,8 @@ def make_epochs_step(
       ``skipped``, which counts the others. If every step was skipped the state
       is returned unchanged, return statistics included.
     """
-    num_epochs = _positive_int("num_epochs", num_epochs)
-    num_minibatches = _positive_int("num_minibatches", num_minibatches)
+    num_epochs = check_count("num_epochs", num_epochs, numpy=False)
+    num_minibatches = check_count("num_minibatches", num_minibatches, numpy=False)
     _check_loss_options(loss_options)
     step = functools.partial(_gradient_step, graphdef, optimizer, normalizer, loss_options)
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuefn._checks import check_config, check_key
+from valuefn._checks import check_config, check_count, check_key
 
 Array = jax.Array
 
@@ -366,10 +366,7 @@ def sample_dialogues(
       :class:`Dialogues`, with ``tokens`` ``[B, P + T]`` and the per-token arrays
       ``[B, T]`` over the response part.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be a Python int >= 1, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a Python int >= 1, got {batch_size!r}")
+    batch_size = check_count("batch_size", batch_size)
     if models is None:
         models = dialogue_models(config)
     models = jax.tree.map(jnp.asarray, models)
