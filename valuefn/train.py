@@ -437,12 +437,8 @@ def make_epochs_step(
         state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, num_epochs))
         applied = metrics["skipped"] == 0
         summary = {
-            # A skipped step's metrics may be NaN; they would hide those of the rest.
-            name: jnp.where(
-                jnp.any(applied),
-                masked_mean(jnp.where(applied, value, 0.0), applied),
-                jnp.mean(value),
-            )
+            # A skipped step's metrics may be NaN; masked_mean leaves them out.
+            name: jnp.where(jnp.any(applied), masked_mean(value, applied), jnp.mean(value))
             for name, value in metrics.items()
             if name != "skipped"
         }
