@@ -96,8 +96,6 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
-    if args.resume and not (out / "checkpoint").is_dir():
-        raise UsageError(f"--resume: no checkpoint in {out} (pass the --out of the run)")
     config = _resumed_config(args, out) if args.resume else _read_config(args)
 
     import jax
