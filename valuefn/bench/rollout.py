@@ -1,12 +1,12 @@
-"""Environment steps per second: the jitted, vmapped rollout against a Python loop.
+"""Environment steps per second: the jitted, vmapped rollout against a host loop.
 
-Both sides do the same work per step on the random-walk chain: a policy draw, an
-environment step, a small MLP critic on the observation and on the next one
-(for ``final_values``), and the reset of finished episodes. The loop is the
-best case for a host-driven rollout: one environment at a time, every function
-jitted on its own, so each step is a handful of compiled calls and host
-round trips. The rollout is ``valuefn.rollout`` jitted whole: ``jax.vmap`` over
-environments, ``lax.scan`` over steps, one call.
+Both sides do the same work per step on the random-walk chain, for all
+environments at once: a policy draw, an environment step, a small MLP critic on
+the observation and on the next one (for ``final_values``), and the reset of
+finished episodes. The rollout is ``valuefn.rollout`` jitted whole: ``jax.vmap``
+over environments, ``lax.scan`` over steps, one call. The baseline is the loop a
+host-driven trainer runs: Python steps through time and each step is one jitted,
+vmapped call (:func:`host_loop`), timed at the same sizes in the same rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import valuefn
-from valuefn.bench.figures import Figure, measure, timed
+from valuefn.bench.figures import Figure, measure_many, timed
 from valuefn.envs import RandomWalkConfig, random_walk, random_walk_policy
 
 CONFIG = RandomWalkConfig(num_states=16, max_steps=32)
@@ -38,49 +38,41 @@ def init_value_params(key):
     )
 
 
-def python_loop(env, value_params, key, num_envs, num_steps):
-    """One environment at a time; each of reset, step, policy and critic jitted alone."""
-    reset, step = jax.jit(env.reset), jax.jit(env.step)
-    act, value = jax.jit(random_walk_policy), jax.jit(mlp_value)
-    split = jax.jit(lambda k: jax.random.split(k, 4))
+def host_loop(env, value_params, key, state, num_steps):
+    """Python steps through time; each step is one jitted call over all environments.
+
+    The call is :func:`valuefn.rollout` of one step with its bootstrap value
+    dropped (so XLA does not compute it): the same vmapped policy, environment
+    step, critic and resets as one step of the scan. The loop keeps the state on
+    the device and stacks the steps at the end, as a host-driven trainer would.
+    """
+
+    @jax.jit
+    def one_step(state, key):
+        trajectory, state = valuefn.rollout(
+            env, random_walk_policy, 0.5, mlp_value, value_params, state, key, num_steps=1
+        )
+        return trajectory._replace(bootstrap_value=None), state
 
     def run():
-        rewards = []
-        for i in range(num_envs):
-            key_i = jax.random.fold_in(key, i)
-            env_state, obs = reset(key_i)
-            for _ in range(num_steps):
-                key_i, k_policy, k_step, k_reset = split(key_i)
-                action = act(0.5, obs, k_policy)
-                value(value_params, obs)
-                env_state, obs, reward, terminated, truncated = step(env_state, action, k_step)
-                if bool(truncated):
-                    value(value_params, obs)
-                if bool(terminated) or bool(truncated):
-                    env_state, obs = reset(k_reset)
-                rewards.append(reward)
-        return rewards
+        current, steps = state, []
+        for key_t in jax.random.split(key, num_steps):
+            step, current = one_step(current, key_t)
+            steps.append(step)
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *steps), current
 
     return run
 
 
 def run(quick: bool) -> list[Figure]:
     num_envs_list, num_steps = ((1, 8), 8) if quick else ((1, 64, 1024, 8192), 128)
-    loop_envs, loop_steps = (1, 4) if quick else (4, 64)
     repeats = 3 if quick else 7
     env = random_walk(CONFIG)
     value_params = init_value_params(jax.random.key(0))
     key = jax.random.key(1)
 
-    loop = measure(
-        python_loop(env, value_params, key, loop_envs, loop_steps), repeats=max(1, repeats // 2)
-    )
-    loop_name = f"rollout python loop {loop_envs}x{loop_steps}"
-    # The loop runs fewer steps than the rollouts: compare time per step.
-    per_step = loop.median / (loop_envs * loop_steps)
-    figures = [timed(loop_name, loop, work=loop_envs * loop_steps, work_unit="env steps")]
-
     rollout = jax.jit(valuefn.rollout, static_argnames=("env", "policy", "value_fn", "num_steps"))
+    figures = []
     for num_envs in num_envs_list:
         state = valuefn.reset_envs(env, key, num_envs)
 
@@ -90,15 +82,20 @@ def run(quick: bool) -> list[Figure]:
                 num_steps=num_steps,
             )  # fmt: skip
 
+        loop_name = f"rollout host loop {num_envs}x{num_steps}"
+        timings = measure_many(
+            {"scan": call, "loop": host_loop(env, value_params, key, state, num_steps)},
+            repeats=repeats,
+        )
         work = num_envs * num_steps
-        figures.append(
+        figures += [
+            timed(loop_name, timings["loop"], work=work, work_unit="env steps"),
             timed(
                 f"rollout jit+vmap+scan {num_envs}x{num_steps}",
-                measure(call, repeats=repeats),
-                baseline=f"{loop_name}, per step x {work}",
-                baseline_median=per_step * work,
+                timings["scan"],
+                against=(loop_name, timings["loop"]),
                 work=work,
                 work_unit="env steps",
-            )
-        )
+            ),
+        ]
     return figures
