@@ -52,6 +52,9 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
         if figure["baseline"] is not None:
             assert figure["baseline"]["median"] > 0
             assert figure["ratio"] == pytest.approx(figure["baseline"]["median"] / figure["median"])
+            if "rounds" in figure["baseline"]:  # timed: its spread is kept too
+                baseline = figure["baseline"]
+                assert 0 < baseline["min"] <= baseline["median"] <= baseline["max"]
         if figure["floor"] is not None:
             assert figure["floor"]["limit"] in results["limits"]
             assert figure["floor"]["fraction"] > 0
@@ -77,6 +80,12 @@ def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
     assert len(returns) == 6 and all(f["floor"] for f in returns)
     stages = [f for f in results["figures"] if f["name"].startswith("iteration stage")]
     assert stages and all("wins" not in f["baseline"] for f in stages)
+    rollouts = [f for f in results["figures"] if f["name"].startswith("rollout jit")]
+    assert [f["baseline"]["name"] for f in rollouts] == [
+        "rollout host loop 1x8",
+        "rollout host loop 8x8",
+    ]
+    assert all(f["baseline"]["rounds"] == 3 for f in rollouts)
     assert "figure" in run.stdout and "vs baseline" in run.stdout
 
 
@@ -157,7 +166,7 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
     ]
     mapped = targets.method_map([(2, 16)], repeats=1, gae_methods=("scan", "associative", "pallas"))
     assert [f.name for f in mapped] == ["gae map: associative 2x16", "gae map: pallas 2x16"]
-    assert all(f.baseline == "scan 2x16" for f in mapped)
+    assert all(f.baseline == "gae map: scan 2x16" for f in mapped)
     # A configuration whose kernels fail (Mosaic GPU takes blocks of 128 columns
     # or more) is left out, not the sweep.
     configs = [("triton", 4, 8), ("mosaic_gpu", 4, 8)]
@@ -352,6 +361,8 @@ def test_figures_count_the_rounds_won_against_a_baseline_timed_in_the_same_round
     figure = timed("a", timings["a"], against=("b", timings["b"]))
     assert (figure.wins, figure.rounds) == (3, 5)
     assert figure.ratio == pytest.approx(4.0 / 3.0)
+    assert (figure.baseline_min, figure.baseline_max) == (4.0, 4.0)
+    assert timed("b", timings["b"], against=("a", timings["a"])).baseline_max == 6.0
     assert timed("b", timings["b"], against=("c", timings["c"])).wins == 5
     # Not timed in the same rounds, or against itself: nothing to count.
     [other] = measure_many({"a": lambda: 1.0}, repeats=5, warmup=0).values()

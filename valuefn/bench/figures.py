@@ -41,6 +41,8 @@ class Figure(NamedTuple):
       unit: ``"s"`` or ``"bytes"``.
       baseline: what the figure is compared with, or None.
       baseline_median: the baseline's median, in ``unit``, measured in the same run.
+      baseline_min, baseline_max: the baseline's spread where it was timed
+        (:func:`timed` with ``against``), else None.
       work: how much one call processes (tokens, steps, bytes, FLOPs), for a rate.
       work_unit: the unit of ``work``.
       floor: the hardware limit the figure is held against, a figure name of
@@ -66,6 +68,8 @@ class Figure(NamedTuple):
     floor_work: float | None = None
     wins: int | None = None
     rounds: int | None = None
+    baseline_min: float | None = None
+    baseline_max: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -94,7 +98,12 @@ def timed(
     """
     if against is not None:
         name_against, baseline = against
-        fields.update(baseline=name_against, baseline_median=baseline.median)
+        fields.update(
+            baseline=name_against,
+            baseline_median=baseline.median,
+            baseline_min=baseline.min,
+            baseline_max=baseline.max,
+        )
         if timing is not baseline and timing.run is not None and timing.run == baseline.run:
             pairs = list(zip(timing.times, baseline.times, strict=True))
             fields.update(wins=sum(t < b for t, b in pairs), rounds=len(pairs))

@@ -4,8 +4,9 @@
 benchmark module's ``run(quick)``, measures the machine's limits first, and
 writes ``<out>/<backend>-<date>.json`` with the machine, the versions, the
 commit of a valuefn checkout (``source``: None for an installed copy), and for
-every figure its median, min, max, its baseline (with the rounds the figure
-won, where the two were timed in the same rounds) and its fraction of the
+every figure its median, min, max, its baseline (with the baseline's median,
+and its min, max and the rounds the figure won where the two were timed in
+the same rounds) and its fraction of the
 hardware limit. The file is written after each benchmark too, with
 ``"complete": false`` until the last, so that a run cut short by a job's time
 limit keeps what it measured; until then the file is named
@@ -199,6 +200,8 @@ def _figure_record(benchmark: str, figure, rates: dict[str, float]) -> dict:
     }
     if figure.baseline is not None:
         record["baseline"] = {"name": figure.baseline, "median": figure.baseline_median}
+        if figure.baseline_min is not None:
+            record["baseline"].update(min=figure.baseline_min, max=figure.baseline_max)
         if figure.rounds is not None:
             record["baseline"].update(wins=figure.wins, rounds=figure.rounds)
     if figure.floor is not None:

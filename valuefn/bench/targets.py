@@ -359,7 +359,7 @@ def method_map(shapes, *, repeats: int, gae_methods: tuple[str, ...] | None = No
             timed(
                 f"gae map: {method} {shape}",
                 timings[method],
-                against=(f"scan {shape}", timings["scan"]),
+                against=(f"gae map: scan {shape}", timings["scan"]),
                 work=batch * horizon,
                 work_unit="steps",
                 floor=MEMORY,
