@@ -8,8 +8,10 @@ limits and prints its table (``valuefn bench`` runs the whole suite).
 
 import sys
 
+from valuefn import _host
 from valuefn.bench.suite import main
 
 if __name__ == "__main__":
+    _host.rerun_with_huge_pages("benchmarks.bench_targets")
     argv = ["--only", "targets", "--no-save", *sys.argv[1:]]
     sys.exit(main(argv, prog="python -m benchmarks.bench_targets"))

@@ -11,8 +11,10 @@ flags (YNNPACK matmuls and reductions).
 
 import sys
 
+from valuefn import _host
 from valuefn.bench.suite import main
 
 if __name__ == "__main__":
+    _host.rerun_with_huge_pages("benchmarks.bench_update")
     argv = ["--only", "update", "--no-save", *sys.argv[1:]]
     sys.exit(main(argv, prog="python -m benchmarks.bench_update"))
