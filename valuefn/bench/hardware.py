@@ -133,7 +133,12 @@ def transformer_flops(
 
     Per token, a forward pass costs ``24 L d^2`` in the projections (QKV, output,
     and the MLP of width ``4 d``) and ``4 L T d`` in attention (``Q K^T`` and
-    ``weights V`` over all ``T`` keys, as computed). Training costs three times
+    ``weights V`` over all ``T`` keys). That is PaLM's convention, which counts
+    the whole ``T x T`` product though causal attention needs half of it; the
+    critics compute blocks of 128 queries against the keys up to each block's
+    end, three quarters of the product at T = 256, so the count is 3.7% above
+    the reference critic's matmul work there and 1.3% above the 124M critic's.
+    PyTorch is held to the same count. Training costs three times
     the forward pass (the backward pass computes gradients with respect to both
     activations and weights). Recomputation (remat) is not counted: this is the
     model's FLOPs, the numerator of model FLOP utilisation.
