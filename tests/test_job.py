@@ -176,6 +176,8 @@ def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
         (["--seed", str(2**64)], None, "seed must lie in [0, 2**32)"),
         (["--gamma", "1.5"], "seed = 1", "flags: gamma"),
         (["--fsdp", "3"], None, "--fsdp"),
+        (["--fsdp", "0"], None, "--fsdp must be >= 1, got 0"),
+        (["--num-processes", "2"], None, "need --distributed"),
     ],
 )
 def test_bad_flags_and_config_exit_2_with_one_line(tmp_path, capsys, argv_tail, contents, message):

@@ -96,6 +96,13 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    if args.fsdp < 1:
+        raise UsageError(f"--fsdp must be >= 1, got {args.fsdp}")
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and any(flag is not None for flag in cluster):
+        raise UsageError(
+            "--coordinator-address, --num-processes and --process-id need --distributed"
+        )
     config = _resumed_config(args, out) if args.resume else _read_config(args)
 
     import jax
@@ -121,6 +128,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``valuefn`` command's parser, with its ``train`` and ``bench`` subcommands."""
     parser = _Parser(prog="valuefn", description="Value functions for RL and RLHF in JAX.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``valuefn`` with ``argv`` (default ``sys.argv[1:]``); 2 is a usage error."""
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
