@@ -40,7 +40,15 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class CriticConfig:
-    """The critic: a :class:`valuefn.TransformerValue` over the whole dialogue."""
+    """The critic: a :class:`valuefn.TransformerValue` over the whole dialogue.
+
+    Attributes:
+      d_model: width of the residual stream.
+      num_layers: transformer blocks.
+      num_heads: attention heads; must divide ``d_model``.
+      remat, scan_layers: as :class:`valuefn.TransformerValue` takes them
+        (``nnx.remat`` of each block; the blocks run by one ``nnx.scan``).
+    """
 
     d_model: int = 64
     num_layers: int = 2
@@ -170,6 +178,7 @@ def make_critic(config: TrainConfig) -> TransformerValue:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with the config's learning rate and weight decay, after global-norm clipping."""
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(config.learning_rate, weight_decay=config.weight_decay),

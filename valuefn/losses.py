@@ -94,6 +94,15 @@ def explained_variance(
 
     1 is a perfect critic, 0 is no better than predicting the mean target,
     negative is worse. Returns 0 where the targets have no variance, or no steps.
+
+    Args:
+      values: predictions ``V(s_t)``, any shape ``[..., T]``.
+      targets: the targets they were trained towards, the same shape.
+      mask: 1 where a step counts, 0 where not; broadcast to the shape (None:
+        every step). Masked steps may hold anything, NaN included.
+
+    Returns:
+      A float32 scalar over all valid steps (one statistic for the whole batch).
     """
     values, targets = _check_pair(values, targets)
     weights = _weights("mask", mask, targets.shape)
@@ -236,7 +245,18 @@ def clip_fraction(
 ) -> Array:
     """Fraction of valid steps where the clipped term of the PPO value loss is active.
 
-    That is where ``(v_clip - y)^2 > (v - y)^2``, so the gradient is cut off.
+    That is where ``(v_clip - y)^2 > (v - y)^2``, so the gradient is cut off;
+    a value within ``clip_epsilon`` of its old value is never counted.
+
+    Args:
+      values: predictions ``V(s_t)``, any shape ``[..., T]``.
+      targets: the value targets, the same shape.
+      old_values: the predictions when the batch was collected, the same shape.
+      clip_epsilon: the clip range, as given to :func:`value_loss`; > 0.
+      mask: 1 where a step counts, 0 where not (None: every step).
+
+    Returns:
+      A float32 scalar in [0, 1] (0 where no step is valid).
     """
     values, targets = _check_pair(values, targets)
     old = _check_clip(values, old_values, clip_epsilon)

@@ -54,6 +54,7 @@ def _abstract(tree):
 
 
 def run(quick: bool) -> list[Figure]:
+    """Compile time and peak memory of the update step at each T (``quick``: tiny sizes)."""
     base_spec = problem.TINY if quick else problem.REFERENCE
     lengths = QUICK_LENGTHS if quick else LENGTHS
     figures = []

@@ -64,6 +64,7 @@ def _sizes(quick: bool) -> tuple[int, int]:
 
 
 def run(quick: bool) -> list[Figure]:
+    """The machine's limits: memory bandwidth and matmul rates (``quick``: tiny sizes)."""
     elements, n = _sizes(quick)
     repeats = 3 if quick else 7
     nbytes = 4 * elements

@@ -27,6 +27,7 @@ QUICK = job.TrainConfig(
 
 
 def iteration_flops(config: job.TrainConfig) -> float:
+    """Model FLOPs of one training iteration: the critic's forward passes and its updates."""
     shape = dict(
         d_model=config.critic.d_model,
         num_layers=config.critic.num_layers,
@@ -39,6 +40,7 @@ def iteration_flops(config: job.TrainConfig) -> float:
 
 
 def run(quick: bool) -> list[Figure]:
+    """The default job's training iteration and its three stages (``quick``: tiny sizes)."""
     config = QUICK if quick else job.TrainConfig()
     optimizer = job.make_optimizer(config)
     graphdef, state = valuefn.init_train_state(job.make_critic(config), optimizer)

@@ -34,6 +34,7 @@ class ModelSpec:
     scan_layers: bool = False
 
     def describe(self) -> str:
+        """The spec as a figure's name puts it, e.g. ``d256 L4 float32, remat``."""
         remat = ", remat" if self.remat else ""
         scan = ", scan layers" if self.scan_layers else ""
         return f"d{self.d_model} L{self.num_layers} {self.dtype}{remat}{scan}"
@@ -46,6 +47,7 @@ GPT2_SMALL = ModelSpec(vocab=50257, d_model=768, num_layers=12, num_heads=12, dt
 
 
 def make_model(spec: ModelSpec, max_len: int) -> valuefn.TransformerValue:
+    """The critic ``spec`` describes, for rows of up to ``max_len`` tokens."""
     return valuefn.TransformerValue(
         spec.vocab,
         d_model=spec.d_model,
@@ -60,6 +62,7 @@ def make_model(spec: ModelSpec, max_len: int) -> valuefn.TransformerValue:
 
 
 def make_optimizer() -> optax.GradientTransformation:
+    """AdamW after global-norm clipping, the settings the PyTorch baseline uses too."""
     return optax.chain(
         optax.clip_by_global_norm(MAX_GRAD_NORM),
         optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),

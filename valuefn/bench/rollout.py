@@ -30,6 +30,7 @@ def mlp_value(params, obs):
 
 
 def init_value_params(key):
+    """Parameters of :func:`mlp_value`."""
     k1, k2 = jax.random.split(key)
     return (
         jax.random.normal(k1, (CONFIG.num_states, HIDDEN)) / np.sqrt(CONFIG.num_states),
@@ -65,6 +66,7 @@ def host_loop(env, value_params, key, state, num_steps):
 
 
 def run(quick: bool) -> list[Figure]:
+    """The rollout against the host loop at each number of environments (``quick``: tiny sizes)."""
     num_envs_list, num_steps = ((1, 8), 8) if quick else ((1, 64, 1024, 8192), 128)
     repeats = 3 if quick else 7
     env = random_walk(CONFIG)

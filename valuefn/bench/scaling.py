@@ -29,6 +29,7 @@ HOST_DEVICES = 8
 
 
 def run(quick: bool) -> list[Figure]:
+    """Weak scaling over 1, 2, 4 and 8 devices, in a child process on a CPU (``quick``: 1 and 2)."""
     if jax.default_backend() == "cpu" and jax.device_count() < HOST_DEVICES:
         return _run_in_child(quick)
     return _run_here(quick)

@@ -612,6 +612,7 @@ def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m benchmarks") -> int:
+    """Runs the suite, ``--show`` or ``--compare`` with ``argv``; returns the exit status."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_arguments(parser)
     return run_cli(parser.parse_args(argv), prog)

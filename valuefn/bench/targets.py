@@ -458,6 +458,7 @@ def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats
 
 
 def run(quick: bool) -> list[Figure]:
+    """The target kernels against PyTorch and rlax, and GAE's method map (``quick``: tiny)."""
     torch, rlax = optional("torch"), optional("rlax")
     # Every call but the PyTorch loop's takes milliseconds, so rounds are cheap,
     # and 27 of them give medians and counts of rounds won that hold.

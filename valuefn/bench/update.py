@@ -173,6 +173,7 @@ def torch_model(torch, spec: problem.ModelSpec, seq_len: int):
 
 
 def run(quick: bool) -> list[Figure]:
+    """The update step against PyTorch eager, and the 124M critic (``quick``: tiny sizes)."""
     torch = optional("torch")
     base = problem.TINY if quick else problem.REFERENCE
     rows, seq_len = (QUICK_ROWS, QUICK_SEQ_LEN) if quick else (ROWS, SEQ_LEN)
