@@ -29,8 +29,8 @@ def as_real(name: str, x, *, allow_bool: bool = False) -> Array:
     if x.dtype == jnp.bool_ and allow_bool:
         return x
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-        kinds = "bool, integer or floating" if allow_bool else "integer or floating"
-        raise ValueError(f"{name} must have a {kinds} dtype, got {x.dtype}")
+        kinds = "a bool, integer or floating" if allow_bool else "an integer or floating"
+        raise ValueError(f"{name} must have {kinds} dtype, got {x.dtype}")
     return x
 
 

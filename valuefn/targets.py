@@ -84,7 +84,7 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
     gamma = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
     g = concrete_or_none(gamma)
     if g is not None and not np.all((g >= 0) & (g <= 1)):  # NaN fails too
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+        raise ValueError(f"gamma must lie in [0, 1], got {g.tolist()}")
     return jnp.where(terminated != 0, 0.0, gamma.astype(jnp.float32)).astype(jnp.float32)
 
 
@@ -348,7 +348,7 @@ def _shifted(x: Array, k: int, fill: ArrayLike) -> Array:
 def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
     lam = concrete_or_none(lambda_)
     if lam is not None and (np.any(np.isnan(lam)) or np.any(lam < 0) or np.any(lam > 1)):
-        raise ValueError(f"lambda_ must lie in [0, 1], got {lambda_!r}")
+        raise ValueError(f"lambda_ must lie in [0, 1], got {np.asarray(lam).tolist()}")
     lam = check_broadcastable("lambda_", as_real("lambda_", lambda_), shape)
     return jnp.asarray(lam, jnp.float32)
 

@@ -116,7 +116,8 @@ def random_walk_values(config: RandomWalkConfig, right_prob: float, gamma: float
     Args:
       config: the chain.
       right_prob: ``p`` in [0, 1].
-      gamma: discount in [0, 1); 1 is allowed when ``0 < p < 1`` (every episode ends).
+      gamma: discount in [0, 1]; 1 too, since every walk on the chain ends at one
+        of its two ends.
 
     Returns:
       float64 ``[num_states]`` values.
@@ -135,10 +136,4 @@ def random_walk_values(config: RandomWalkConfig, right_prob: float, gamma: float
                 rewards[i] += prob * config.step_reward
             else:
                 rewards[i] += prob * (config.right_reward if j == n else config.left_reward)
-    system = np.eye(n) - gamma * transitions
-    if np.linalg.matrix_rank(system) < n:
-        raise ValueError(
-            f"the chain never ends under right_prob={right_prob} with gamma={gamma}: "
-            f"values are infinite; use gamma < 1"
-        )
-    return np.linalg.solve(system, rewards)
+    return np.linalg.solve(np.eye(n) - gamma * transitions, rewards)
