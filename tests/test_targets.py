@@ -432,12 +432,28 @@ def test_pallas_mosaic_gpu_backend_interprets_to_the_same_numbers():
 
 @pytest.mark.parametrize(
     ("options", "name"),
-    [({"backend": "cuda"}, "backend"), ({"backend": "mosaic_gpu", "rows": 32}, "rows")],
+    [
+        ({"backend": "cuda"}, "backend"),
+        ({"backend": "mosaic_gpu", "rows": 32}, "rows"),
+        ({"chunk": 1}, "chunk must be >= 2"),
+        ({"rows": 0}, "rows >= 1"),
+    ],
 )
 def test_pallas_options_are_checked(options, name):
     x = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match=name):
         reverse_linear_pallas(x, x, **options)
+    if "backend" not in options:
+        with pytest.raises(ValueError, match="chunk and rows must be >= 1"):
+            _pallas_gae.gae_pallas(
+                x,
+                x,
+                0.9,
+                x[:, 0],
+                0.9,
+                chunk=options.get("chunk", 5) - 1,
+                rows=options.get("rows", 1),
+            )
 
 
 @pytest.fixture
@@ -499,6 +515,13 @@ def test_fused_pallas_gae_only_where_it_applies(small_fused_pallas):
     inputs = make_episode((4, 6), seed=4)
     assert not pallas_calls(lambda: call(vf.gae, inputs, 0.8, method="pallas"))[1]
     assert_gae_matches_reference(call(vf.gae, inputs, 0.8, method="pallas"), inputs, 0.8)
+
+
+def test_pallas_gae_of_an_empty_batch_is_empty(small_fused_pallas):
+    x = np.zeros((0, 8), np.float32)
+    assert _pallas_gae.block_rows(x.shape, chunk=4, rows=2) is None
+    advantages, returns = vf.gae(x, x, 0.9, x[:, 0], 0.8, mask=x, method="pallas")
+    assert advantages.shape == returns.shape == (0, 8)
 
 
 def test_fused_pallas_gae_vmaps(small_fused_pallas):

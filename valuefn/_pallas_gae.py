@@ -136,13 +136,14 @@ def _walk_kernel(*refs, names: tuple[str, ...]):
 def block_rows(shape: tuple[int, ...], *, chunk: int = CHUNK, rows: int = ROWS) -> int | None:
     """Rows a program of :func:`gae_pallas` holds for ``[..., T]`` inputs of
     ``shape``: ``rows``, or the largest power of two that divides a smaller
-    flattened batch; None where ``T`` is not a multiple of ``chunk``."""
+    flattened batch; None where ``T`` is not a multiple of ``chunk`` or the
+    batch is empty."""
     if len(shape) < 1 or shape[-1] < 1 or shape[-1] % chunk:
         return None
     columns = math.prod(shape[:-1])
-    if columns % rows == 0:
-        return rows
-    return columns & -columns if columns else None
+    if columns == 0:
+        return None
+    return rows if columns % rows == 0 else columns & -columns
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "rows", "interpret"))
@@ -173,13 +174,17 @@ def gae_pallas(
     """
     from jax.experimental import pallas as pl
 
+    if chunk < 1 or rows < 1:
+        raise ValueError(f"chunk and rows must be >= 1, got chunk={chunk}, rows={rows}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     shape = rewards.shape
     steps = shape[-1]
     rows = block_rows(shape, chunk=chunk, rows=rows)
     if rows is None:
-        raise ValueError(f"rewards shape {shape}: T must be a multiple of chunk={chunk}")
+        raise ValueError(
+            f"rewards shape {shape}: T must be a multiple of chunk={chunk}, and the batch not empty"
+        )
     columns = rewards.size // steps
 
     def batch_major(x, dtype=jnp.float32):

@@ -156,6 +156,9 @@ def reverse_linear_pallas(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    # A chunk of one step would recurse on the same shape for ever.
+    if chunk < 2 or rows < 1:
+        raise ValueError(f"chunk must be >= 2 and rows >= 1, got chunk={chunk}, rows={rows}")
     if backend == "mosaic_gpu" and rows % 128:
         raise ValueError(f"rows must be a multiple of 128 for Mosaic GPU, got {rows}")
     if interpret is None:
