@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import chex
 import jax
@@ -951,6 +952,17 @@ def test_targets_carry_no_gradient_by_default(name):
     inputs = make_episode((3, 6), seed=1, truncations=False)
     for grad in _grads(KERNELS[name][0], inputs):
         np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_eager_calls_compile_once_per_shape(name, caplog):
+    # Called without jax.jit, a kernel compiles on its first call only: a scan of a
+    # fresh closure would be compiled again at every call.
+    kernel = KERNELS[name][0]
+    call(kernel, make_episode((3, 40), seed=1))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        jax.block_until_ready(call(kernel, make_episode((3, 40), seed=2)))
+    assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
 
 
 # The kernels that take a method.

@@ -252,14 +252,10 @@ def _run_starts(valid: Array) -> Array:
 def _by_mask_layout(checked: _Checked, solve: Callable[[bool], Any]) -> Any:
     """``solve(one_run)``, with ``one_run`` whether the valid steps of each row
     are one run of steps, so that a padded mask needs no search for the next
-    valid step. Traced, a ``lax.cond`` picks the branch; called eagerly, Python
-    does (an eager cond would be compiled again at every call)."""
+    valid step; a ``lax.cond`` picks the branch at run time."""
     if checked.mask is None:
         return solve(False)
     one_run = _keeps_one_run(checked.mask != 0)
-    known = concrete_or_none(one_run)
-    if known is not None:
-        return solve(bool(known))
     return jax.lax.cond(one_run, functools.partial(solve, True), functools.partial(solve, False))
 
 
@@ -509,11 +505,13 @@ def _reverse_linear_pallas_jvp(primals, tangents):
     return x, _reverse_linear_associative(deltas_dot + coeffs_dot * x_next, coeffs)
 
 
-@jax.custom_jvp
-def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, final_values, mask, truncated):
-    """``_pallas_gae.gae_pallas``, differentiable: the derivative is that of
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _gae_pallas(
+    chunk, rows, rewards, values, discounts, bootstrap_value, lam, final_values, mask, truncated
+):
+    """``_pallas_gae.gae_pallas`` in chunks of ``chunk`` steps and blocks of
+    ``rows`` rows, differentiable: the derivative is that of
     ``gae(method="associative")``, which JAX also transposes for reverse mode."""
-    # The module's sizes are read at each call, so that tests can set small ones.
     return _pallas_gae.gae_pallas(
         rewards,
         values,
@@ -523,13 +521,13 @@ def _gae_pallas(rewards, values, discounts, bootstrap_value, lam, final_values, 
         mask,
         truncated,
         final_values,
-        chunk=_pallas_gae.CHUNK,
-        rows=_pallas_gae.ROWS,
+        chunk=chunk,
+        rows=rows,
     )
 
 
 @_gae_pallas.defjvp
-def _gae_pallas_jvp(primals, tangents):
+def _gae_pallas_jvp(chunk, rows, primals, tangents):
     *differentiable, mask, truncated = primals
 
     def reference(rewards, values, discounts, bootstrap_value, lam, final_values):
@@ -547,7 +545,7 @@ def _gae_pallas_jvp(primals, tangents):
         )
 
     _, out_dot = jax.jvp(reference, tuple(differentiable), tuple(tangents[:-2]))
-    return _gae_pallas(*primals), out_dot
+    return _gae_pallas(chunk, rows, *primals), out_dot
 
 
 def _constant_in_time(x: Array, shape: tuple[int, ...]) -> Array | None:
@@ -691,7 +689,13 @@ def td_targets(
       Sutton & Barto, Reinforcement Learning: An Introduction, 2nd ed., 2018, ch. 6.
     """
     checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    return _td_targets(checked, stop_target_gradients=stop_target_gradients)
 
+
+# The kernels' work after the checks is jitted: called eagerly, each lax.scan of a
+# fresh closure would be traced and compiled again at every call (tens of ms).
+@functools.partial(jax.jit, static_argnames="stop_target_gradients")
+def _td_targets(checked: _Checked, *, stop_target_gradients: bool) -> Array:
     def solve(one_run: bool) -> Array:
         # On the CPU the blocked scan finds the next valid values under a mask with
         # gaps faster than a cummin and a gather of their index.
@@ -768,7 +772,11 @@ def n_step_targets(
     """
     n = check_count("n", n)
     checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
+    return _n_step_targets(checked, n=n, stop_target_gradients=stop_target_gradients)
 
+
+@functools.partial(jax.jit, static_argnames=("n", "stop_target_gradients"))
+def _n_step_targets(checked: _Checked, *, n: int, stop_target_gradients: bool) -> Array:
     horizon = checked.rewards.shape[-1]
     steps_summed = min(int(n), horizon)  # more steps than the sequence has add nothing
     one_pass = checked.truncated is None and steps_summed <= _N_STEP_IN_RUN
@@ -930,13 +938,33 @@ def gae(
     checked = _check(rewards, values, discounts, bootstrap_value, mask, truncated, final_values)
     shape = checked.rewards.shape
     method = _resolve_method(method, shape[-1])
-    # Where it can, pallas reads the inputs in its own kernels (valuefn/_pallas_gae.py).
-    fused = (
-        method == "pallas" and _pallas_gae.block_rows(shape, chunk=_pallas_gae.CHUNK) is not None
+    lam = _check_lambda(lambda_, shape)
+    # Where it can, pallas reads the inputs in its own kernels (valuefn/_pallas_gae.py),
+    # in chunks of steps and blocks of rows of the module's sizes (read here, so
+    # that tests can set small ones).
+    blocks = (_pallas_gae.CHUNK, _pallas_gae.ROWS)
+    fused = method == "pallas" and _pallas_gae.block_rows(shape, chunk=blocks[0]) is not None
+    return _gae(
+        checked,
+        lam,
+        method=method,
+        fused_blocks=blocks if fused else None,
+        stop_target_gradients=stop_target_gradients,
     )
-    lam = _check_lambda(lambda_, checked.rewards.shape)
-    if fused:
+
+
+@functools.partial(jax.jit, static_argnames=("method", "fused_blocks", "stop_target_gradients"))
+def _gae(
+    checked: _Checked,
+    lam: Array,
+    *,
+    method: str,
+    fused_blocks: tuple[int, int] | None,
+    stop_target_gradients: bool,
+) -> tuple[Array, Array]:
+    if fused_blocks is not None:
         advantages, returns = _gae_pallas(
+            *fused_blocks,
             checked.rewards,
             checked.values,
             checked.discounts,
