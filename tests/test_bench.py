@@ -144,6 +144,75 @@ def test_results_so_far_are_handed_on_after_each_benchmark_but_the_last(monkeypa
     assert [f["name"] for f in final["figures"]] == ["targets", "update", "rollout"]
 
 
+def _fake_benchmark(monkeypatch, run):
+    """``valuefn.bench.fake``, a benchmark module whose ``run`` is ``run``."""
+    import importlib.machinery
+
+    module = types.ModuleType("valuefn.bench.fake")
+    module.__spec__ = importlib.machinery.ModuleSpec("valuefn.bench.fake", None)
+    module.run = run
+    monkeypatch.setitem(sys.modules, "valuefn.bench.fake", module)
+
+
+def test_a_benchmark_in_sections_keeps_each_section_and_what_it_left_out(monkeypatch):
+    def sections(quick):
+        yield [Figure("a", 1.0, 1.0, 1.0)]
+        yield figures.Skipped("pallas", "no Triton here")
+        yield [Figure("b", 1.0, 1.0, 1.0), Figure("c", 1.0, 1.0, 1.0)]
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    _fake_benchmark(monkeypatch, sections)
+    seen = []
+    results = suite.run_suite(
+        ["fake", "fake"], quick=True, echo=lambda *a, **k: None, progress=seen.append
+    )
+    # Saved after each section, and between the benchmarks.
+    assert [[f["name"] for f in record["figures"]] for record in seen] == [
+        ["a"],
+        ["a", "b", "c"],
+        ["a", "b", "c"],
+        ["a", "b", "c", "a"],
+        ["a", "b", "c", "a", "b", "c"],
+    ]
+    assert [f["name"] for f in results["figures"]] == ["a", "b", "c"] * 2
+    assert results["skipped"] == {"fake: pallas": "no Triton here"}
+    assert "RESOURCE_EXHAUSTED" in results["errors"]["fake"]
+
+
+def test_a_time_budget_starts_no_section_or_benchmark_once_spent(monkeypatch):
+    def sections(quick):
+        yield [Figure("a", 1.0, 1.0, 1.0)]
+        yield [Figure("b", 1.0, 1.0, 1.0)]
+
+    _fake_benchmark(monkeypatch, sections)
+    clock = iter(range(0, 1000, 10))  # each look at the clock 10 s later
+    monkeypatch.setattr(suite.time, "monotonic", lambda: next(clock))
+    results = suite.run_suite(["fake", "fake"], quick=True, echo=lambda *a, **k: None, budget=25)
+    # Deadline 25: the first benchmark starts at 10 and its first section at 20; at
+    # 30 its second section is not started, nor at 40 the second benchmark.
+    assert [f["name"] for f in results["figures"]] == ["a"]
+    assert results["skipped"]["fake"].startswith("not started")
+    assert results["errors"] == {}
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "soon", "inf", "nan"])
+def test_budget_must_be_a_positive_number_of_seconds(budget, capsys):
+    with pytest.raises(SystemExit):
+        suite.main(["--budget", budget])
+    assert "--budget must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_targets_on_an_accelerator_say_what_they_leave_out(monkeypatch):
+    monkeypatch.setattr(targets.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(targets, "_pallas_fails", lambda *args: "no Triton here")
+    monkeypatch.setattr(targets, "optional", lambda name: types.ModuleType(name))
+    sections = targets.run(quick=True)
+    assert [next(sections), next(sections)] == [
+        figures.Skipped("torch loop", "it runs on the CPU, JAX on gpu"),
+        figures.Skipped("pallas", "no Triton here"),
+    ]
+
+
 def test_pallas_is_timed_only_where_its_kernels_are_compiled(monkeypatch):
     assert ("pallas" in targets.methods()) == (jax.default_backend() == "gpu")
     monkeypatch.setattr(targets.jax, "default_backend", lambda: "gpu")

@@ -28,6 +28,14 @@ class Timing(NamedTuple):
     run: int | None = None
 
 
+class Skipped(NamedTuple):
+    """What a benchmark yields for a part it leaves out, and why: the results
+    file lists it under ``skipped`` as ``"<benchmark>: <what>"``."""
+
+    what: str
+    reason: str
+
+
 class Figure(NamedTuple):
     """One measured figure of the suite.
 
@@ -116,6 +124,12 @@ def optional(name: str):
         return __import__(name)
     except ImportError:
         return None
+
+
+def baseline_torch():
+    """``torch`` for the PyTorch baselines, or None: where it is not installed, and
+    where JAX runs on an accelerator, since the baselines run on the CPU."""
+    return optional("torch") if jax.default_backend() == "cpu" else None
 
 
 _RUNS = itertools.count()

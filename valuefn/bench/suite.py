@@ -7,9 +7,12 @@ commit of a valuefn checkout (``source``: None for an installed copy), and for
 every figure its median, min, max, its baseline (with the baseline's median,
 and its min, max and the rounds the figure won where the two were timed in
 the same rounds) and its fraction of the
-hardware limit. The file is written after each benchmark too, with
-``"complete": false`` until the last, so that a run cut short by a job's time
-limit keeps what it measured; until then the file is named
+hardware limit. The file is written after each benchmark too (and after each
+section of those that yield their figures in sections: the target kernels
+shape by shape, the update steps case by case), with ``"complete": false``
+until the last, so that a run cut short by a job's time limit keeps what it
+measured; ``--budget SECONDS`` starts nothing new once that time is spent,
+and lists what it left out under ``skipped``. Until the run ends the file is named
 ``...-partial.json``, so that an earlier finished run's file is not replaced
 by a run cut short. ``--only`` names its benchmarks in the file's name, and
 ``--quick`` runs everything at tiny sizes, to check that it runs; its file is
@@ -66,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="benchmarks/results", help="results folder (default benchmarks/results)"
     )
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--budget",
+        type=_seconds,
+        metavar="SECONDS",
+        help="start no benchmark, or section of one, after this many seconds; "
+        "what is left out is listed as skipped",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument(
         "--default-xla-flags",
@@ -86,6 +96,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=read_results,
         help="print the figures two saved results files both hold, side by side; runs nothing",
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"--budget must be a positive number of seconds, got {text!r}"
+        )
+    return seconds
 
 
 def _benchmark_list(text: str) -> list[str]:
@@ -214,26 +236,62 @@ def _figure_record(benchmark: str, figure, rates: dict[str, float]) -> dict:
     return record
 
 
-def _run_one(name: str, quick: bool, errors: dict, skipped: dict, echo) -> list:
+def _run_one(
+    name: str, quick: bool, errors: dict, skipped: dict, echo, on_section=None, deadline=None
+) -> list:
+    """The figures of benchmark ``name``; failures go to ``errors``, what was
+    not run to ``skipped``.
+
+    A benchmark's ``run(quick)`` returns its figures, or yields them section by
+    section (lists of figures), with a :class:`~valuefn.bench.figures.Skipped`
+    for each part it leaves out. After each section ``on_section(figures so
+    far)`` is called, so the results file keeps them; a failure in a later
+    section keeps the earlier ones; and past ``deadline`` (a
+    ``time.monotonic()`` value) no further section is started.
+    """
+    from valuefn.bench.figures import Skipped
+
     module_name = f"valuefn.bench.{name}"
     if importlib.util.find_spec(module_name) is None:
         skipped[name] = f"no module {module_name}"
         echo(f"[{name}] skipped: {skipped[name]}")
         return []
+    if deadline is not None and time.monotonic() > deadline:
+        skipped[name] = "not started: the time budget was spent"
+        echo(f"[{name}] skipped: {skipped[name]}")
+        return []
     echo(f"[{name}] running ...", flush=True)
     began = time.perf_counter()
+    figures = []
     try:
-        figures = importlib.import_module(module_name).run(quick)
+        produced = importlib.import_module(module_name).run(quick)
+        sections = iter([produced] if isinstance(produced, list) else produced)
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                skipped[name] = f"cut short after {len(figures)} figures: the time budget was spent"
+                echo(f"[{name}] {skipped[name]}")
+                break
+            section = next(sections, None)
+            if section is None:
+                break
+            if isinstance(section, Skipped):
+                skipped[f"{name}: {section.what}"] = section.reason
+                continue
+            figures += section
+            if on_section is not None:
+                on_section(figures)
     except Exception as err:  # one broken benchmark must not lose the others' figures
         errors[name] = "".join(traceback.format_exception_only(type(err), err)).strip()
-        echo(f"[{name}] failed: {errors[name]}")
+        echo(f"[{name}] failed: {errors[name]}; {len(figures)} figures kept")
         echo(traceback.format_exc(), file=sys.stderr)
-        return []
+        return figures
     echo(f"[{name}] {len(figures)} figures in {time.perf_counter() - began:.1f} s")
     return figures
 
 
-def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> dict:
+def run_suite(
+    names: list[str], *, quick: bool, echo=print, progress=None, budget: float | None = None
+) -> dict:
     """Runs the benchmarks ``names`` (``"hardware"`` first) and returns the results record.
 
     The hardware is measured again after the others, and each of its figures
@@ -241,8 +299,11 @@ def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> di
     the limit is the best the machine did. A benchmark that fails is reported
     under ``errors`` and the others still run; one whose module is not
     installed is listed under ``skipped``. After each benchmark but the last,
+    and after each section of a benchmark that yields its figures in sections,
     ``progress`` (if given) gets the record so far, with ``"complete": False``:
-    a run cut short by a job's time limit keeps what it measured.
+    a run cut short by a job's time limit keeps what it measured. With a
+    ``budget`` in seconds, no benchmark or section starts after it is spent;
+    what was left out is listed under ``skipped``.
     """
     from valuefn.bench.hardware import limits
 
@@ -279,13 +340,19 @@ def run_suite(names: list[str], *, quick: bool, echo=print, progress=None) -> di
             "seconds": time.time() - started,
         }
 
+    deadline = None if budget is None else time.monotonic() + budget
     produced = []
     for name in names:
-        produced.append((name, _run_one(name, quick, errors, skipped, echo)))
+
+        def on_section(figures, name=name):
+            if progress is not None:
+                progress(record([*produced, (name, list(figures))], complete=False))
+
+        produced.append((name, _run_one(name, quick, errors, skipped, echo, on_section, deadline)))
         if progress is not None and len(produced) < len(names):
             progress(record(produced, complete=False))
     if produced[0][0] == "hardware" and produced[0][1]:
-        again = _run_one("hardware", quick, errors, skipped, echo)
+        again = _run_one("hardware", quick, errors, {}, echo, None, deadline)
         best = {figure.name: figure for figure in produced[0][1]}
         for figure in again:
             if figure.name in best and figure.min < best[figure.name].min:
@@ -542,6 +609,8 @@ def _command_line(args: argparse.Namespace, prog: str) -> str:
     if args.only != list(BENCHMARKS):
         flags += ["--only", ",".join(args.only)]
     flags += ["--out", args.out]
+    if args.budget is not None:
+        flags += ["--budget", f"{args.budget:g}"]
     for flag in ("no_save", "markdown", "default_xla_flags"):
         if getattr(args, flag):
             flags.append("--" + flag.replace("_", "-"))
@@ -600,10 +669,18 @@ def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
         results["command"] = command
         path = results_path(results, Path(args.out))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        # Written beside and renamed over: a run killed mid-write keeps the last file whole.
+        written = path.with_name(path.name + ".tmp")
+        written.write_text(json.dumps(results, indent=1) + "\n")
+        written.replace(path)
         return path
 
-    results = run_suite(args.only, quick=args.quick, progress=None if args.no_save else save)
+    results = run_suite(
+        args.only,
+        quick=args.quick,
+        progress=None if args.no_save else save,
+        budget=args.budget,
+    )
     print(format_results(results, markdown=args.markdown))
     if not args.no_save:
         print(f"wrote {save(results)}")

@@ -6,7 +6,9 @@ Per shape ``B x T`` (one row per sequence, the RLHF layout: responses of
 - ``gae scan``, ``gae associative``, ``gae auto`` (and ``gae pallas`` on a
   GPU, where its kernels are compiled): :func:`valuefn.gae` jitted,
   against the PyTorch reverse loop (the loop of TRL and OpenRLHF: one Python
-  iteration per token, eager), or the same loop in NumPy without torch. Their
+  iteration per token, eager), or the same loop in NumPy without torch. The
+  loops run on the host: on an accelerator they are left out and the figures
+  are held against their floor alone. Their
   floor is the memory bandwidth: rewards, values and mask read and advantages
   and returns written, 4 bytes each.
 - ``gae auto, mask with gaps``: the same with one in ten of the response's
@@ -48,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +58,15 @@ import numpy as np
 
 import valuefn
 from valuefn import _pallas_gae, _pallas_scan
-from valuefn.bench.figures import Figure, Timing, measure_many, optional, timed
+from valuefn.bench.figures import (
+    Figure,
+    Skipped,
+    Timing,
+    baseline_torch,
+    measure_many,
+    optional,
+    timed,
+)
 from valuefn.bench.hardware import MEMORY
 
 GAMMA, LAMBDA = 0.99, 0.95
@@ -88,8 +99,13 @@ FUSED_SWEEP = tuple((chunk, rows) for chunk in (16, 32, 64, 128) for rows in (8,
 def methods() -> tuple[str, ...]:
     """The methods timed: ``pallas`` only where its kernels are compiled, on a GPU
     (elsewhere Pallas interprets them), and only if they compile there."""
+    return _methods(_pallas_fails() if jax.default_backend() == "gpu" else None)
+
+
+def _methods(pallas_failure: str | None) -> tuple[str, ...]:
+    """:func:`methods`, given what :func:`_pallas_fails` said on a GPU."""
     timed_methods = ("scan", "associative", "auto")
-    if jax.default_backend() != "gpu" or _pallas_fails() is not None:
+    if jax.default_backend() != "gpu" or pallas_failure is not None:
         return timed_methods
     return timed_methods + ("pallas",)
 
@@ -195,11 +211,14 @@ def compare_shape(
     }
     gaps = jnp.asarray(with_gaps(mask))
     calls[GAPS] = functools.partial(_gae_fn("auto"), r, v, GAMMA, b, mask=gaps)
+    loop = None
     if torch is not None:
+        loop = "torch loop"
         torch_args = [torch.from_numpy(x) for x in (rewards, values, bootstrap, mask)]
-        calls["torch loop"] = lambda: torch_gae(torch, *torch_args)
-    else:
-        calls["numpy loop"] = lambda: numpy_gae(rewards, values, bootstrap, mask)
+        calls[loop] = lambda: torch_gae(torch, *torch_args)
+    elif jax.default_backend() == "cpu":  # on an accelerator a host loop is no baseline
+        loop = "numpy loop"
+        calls[loop] = lambda: numpy_gae(rewards, values, bootstrap, mask)
     if rlax is not None:
         d = jnp.full((batch, horizon), GAMMA, jnp.float32)
         v_ext = jnp.concatenate([v, b[:, None]], axis=1)
@@ -225,8 +244,7 @@ def compare_shape(
 
     shape = f"{batch}x{horizon}"
     steps = {"work": batch * horizon, "work_unit": "steps"}
-    loop = "torch loop" if torch is not None else "numpy loop"
-    figures = [timed(f"gae {loop} {shape}", timings[loop], **steps)]
+    figures = [] if loop is None else [timed(f"gae {loop} {shape}", timings[loop], **steps)]
     # The loop does the same work whatever the mask holds.
     compared = [(f"gae {method}", loop, 2) for method in gae_methods] + [(GAPS, loop, 2)]
     if rlax is not None:
@@ -237,7 +255,7 @@ def compare_shape(
             timed(
                 f"{name} {shape}",
                 timings[name],
-                against=(f"{baseline} {shape}", timings[baseline]),
+                against=None if baseline is None else (f"{baseline} {shape}", timings[baseline]),
                 floor=MEMORY,
                 floor_work=gae_bytes(batch, horizon, outputs=outputs),
                 **steps,
@@ -370,10 +388,12 @@ def method_map(shapes, *, repeats: int, gae_methods: tuple[str, ...] | None = No
     return figures
 
 
-def pallas_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Figure]:
+def pallas_sweep(
+    batch: int, horizon: int, configs, *, repeats: int, left_out: dict | None = None
+) -> list[Figure]:
     """The ``pallas`` method's recursion alone (deltas and coefficients in, ``x``
     out) at each ``(backend, chunk, rows)`` of ``configs`` against its defaults;
-    configurations whose kernels fail are left out, with the reason on stderr."""
+    configurations whose kernels fail are left out (see :func:`_sweep`)."""
     rng = np.random.default_rng(0)
     deltas = jnp.asarray(rng.normal(size=(batch, horizon)).astype(np.float32))
     coeffs = jnp.full((batch, horizon), GAMMA * LAMBDA, jnp.float32)
@@ -398,13 +418,16 @@ def pallas_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Fig
         shape=(batch, horizon),
         floor_work=4 * 3 * batch * horizon,  # deltas and coefficients read, x written
         repeats=repeats,
+        left_out=left_out,
     )
 
 
-def fused_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Figure]:
+def fused_sweep(
+    batch: int, horizon: int, configs, *, repeats: int, left_out: dict | None = None
+) -> list[Figure]:
     """GAE with a mask by ``method="pallas"``'s kernels that read the inputs
     (valuefn/_pallas_gae.py) at each ``(chunk, rows)`` of ``configs`` against
-    their defaults; configurations whose kernels fail are left out."""
+    their defaults; configurations whose kernels fail are left out (see :func:`_sweep`)."""
     rewards, values, bootstrap, mask = (jnp.asarray(x) for x in make_inputs(batch, horizon))
     default = (_pallas_gae.CHUNK, _pallas_gae.ROWS)
     calls = {
@@ -430,14 +453,24 @@ def fused_sweep(batch: int, horizon: int, configs, *, repeats: int) -> list[Figu
         shape=(batch, horizon),
         floor_work=gae_bytes(batch, horizon),
         repeats=repeats,
+        left_out=left_out,
     )
 
 
-def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats):
-    """``calls[config]`` timed for each of ``configs`` whose kernels run (the others
-    left out, ``options(config)`` and the reason on stderr) against
-    ``calls[default]``; ``name(config)`` names the figure."""
-    configs = [c for c in configs if _pallas_fails(calls[c], options(c)) is None]
+def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats, left_out):
+    """``calls[config]`` timed for each of ``configs`` whose kernels run against
+    ``calls[default]``; ``name(config)`` names the figure. The others are left
+    out, with ``options(config)`` and the reason on stderr and the reason in
+    ``left_out[name(config)]`` (if ``left_out`` is given); all are, if the
+    defaults fail."""
+    left_out = {} if left_out is None else left_out
+    failures = {c: _pallas_fails(calls[c], options(c)) for c in dict.fromkeys((default, *configs))}
+    for c, reason in failures.items():
+        if reason is not None:
+            left_out[name(c)] = reason
+    if failures[default] is not None:
+        return []
+    configs = [c for c in configs if failures[c] is None]
     timings = measure_many(
         {c: calls[c] for c in dict.fromkeys((default, *configs))}, repeats=repeats
     )
@@ -457,25 +490,33 @@ def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats
     ]
 
 
-def run(quick: bool) -> list[Figure]:
-    """The target kernels against PyTorch and rlax, and GAE's method map (``quick``: tiny)."""
-    torch, rlax = optional("torch"), optional("rlax")
+def run(quick: bool) -> Iterator[list[Figure] | Skipped]:
+    """The target kernels against PyTorch and rlax, and GAE's method map (``quick``: tiny),
+    yielded shape by shape so that a run cut short keeps what it measured."""
+    torch, rlax = baseline_torch(), optional("rlax")
+    if torch is None and optional("torch") is not None:
+        yield Skipped("torch loop", f"it runs on the CPU, JAX on {jax.default_backend()}")
     # Every call but the PyTorch loop's takes milliseconds, so rounds are cheap,
     # and 27 of them give medians and counts of rounds won that hold.
     repeats = 3 if quick else 27
-    gae_methods = methods()  # on a GPU, runs the Pallas kernels once to see that they compile
-    figures = []
+    # On a GPU, the Pallas kernels run once to see that they compile.
+    failure = _pallas_fails() if jax.default_backend() == "gpu" else None
+    if failure is not None:
+        yield Skipped("pallas", failure)
+    gae_methods = _methods(failure)
     for batch, horizon in QUICK_SHAPES if quick else SHAPES:
-        figures += compare_shape(
+        yield compare_shape(
             batch, horizon, repeats=repeats, torch=torch, rlax=rlax, gae_methods=gae_methods
         )
-        figures += compare_returns(batch, horizon, repeats=repeats, rlax=rlax)
+        yield compare_returns(batch, horizon, repeats=repeats, rlax=rlax)
     if quick:
         grid = QUICK_MAP
     else:
         grid = MAP_CPU if jax.default_backend() == "cpu" else MAP_GPU
-    figures += method_map(grid, repeats=repeats, gae_methods=gae_methods)
+    for shape in grid:
+        yield method_map([shape], repeats=repeats, gae_methods=gae_methods)
     if "pallas" in gae_methods and not quick:
-        figures += fused_sweep(*PALLAS_SWEEP_SHAPE, FUSED_SWEEP, repeats=repeats)
-        figures += pallas_sweep(*PALLAS_SWEEP_SHAPE, PALLAS_SWEEP, repeats=repeats)
-    return figures
+        for sweep, configs in ((fused_sweep, FUSED_SWEEP), (pallas_sweep, PALLAS_SWEEP)):
+            left_out = {}
+            yield sweep(*PALLAS_SWEEP_SHAPE, configs, repeats=repeats, left_out=left_out)
+            yield from (Skipped(what, reason) for what, reason in left_out.items())

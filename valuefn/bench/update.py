@@ -33,6 +33,7 @@ of its dtype. The suite runs with XLA's YNNPACK matmuls on a CPU (see
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ from flax import nnx
 
 import valuefn
 from valuefn.bench import problem
-from valuefn.bench.figures import Figure, measure_many, optional, timed
+from valuefn.bench.figures import Figure, Skipped, baseline_torch, measure_many, optional, timed
 
 ROWS, SEQ_LEN = 32, 256
 QUICK_ROWS, QUICK_SEQ_LEN = 8, 16
@@ -172,15 +173,17 @@ def torch_model(torch, spec: problem.ModelSpec, seq_len: int):
     return Critic()
 
 
-def run(quick: bool) -> list[Figure]:
-    """The update step against PyTorch eager, and the 124M critic (``quick``: tiny sizes)."""
-    torch = optional("torch")
+def run(quick: bool) -> Iterator[list[Figure] | Skipped]:
+    """The update step against PyTorch eager, and the 124M critic (``quick``: tiny
+    sizes), yielded case by case so that a run cut short keeps what it measured."""
+    torch = baseline_torch()
+    if torch is None and optional("torch") is not None:
+        yield Skipped("torch eager", f"it runs on the CPU, JAX on {jax.default_backend()}")
     base = problem.TINY if quick else problem.REFERENCE
     rows, seq_len = (QUICK_ROWS, QUICK_SEQ_LEN) if quick else (ROWS, SEQ_LEN)
     cases = [("update step", "float32", None), ("update step", "bfloat16", None)]
     for e, m in QUICK_EPOCHS_X_MINIBATCHES if quick else EPOCHS_X_MINIBATCHES:
         cases.append((f"epochs {e}x{m}", "float32", (e, m)))
-    figures = []
     for name, dtype, exm in cases:
         spec = dataclasses.replace(base, dtype=dtype)
         updates = 1 if exm is None else exm[0] * exm[1]
@@ -197,17 +200,17 @@ def run(quick: bool) -> list[Figure]:
         timings = measure_many(fns, repeats=repeats, warmup=0, back_to_back=True)
         label = f"{name} {dtype} ({updates} x {rows}x{seq_len} tokens, {spec.describe()})"
         work = problem.step_work(spec, rows, seq_len, updates)
-        against = None
+        figures, against = [], None
         if torch is not None:
             figures.append(timed(f"torch eager {label}", timings["torch"], **work))
             against = (f"torch eager {label}", timings["torch"])
         figures.append(timed(f"valuefn {label}", timings["jax"], against=against, **work))
+        yield figures
     if quick:
         tiny = dataclasses.replace(base, dtype="bfloat16", num_layers=2)
-        figures += large_model_step(tiny, (1, 16))
+        yield large_model_step(tiny, (1, 16))
     else:
-        figures += large_model_step()
-    return figures
+        yield large_model_step()
 
 
 def large_model_step(spec: problem.ModelSpec = problem.GPT2_SMALL, rows_x_len=None) -> list[Figure]:
