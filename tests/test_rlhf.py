@@ -295,10 +295,24 @@ def test_rlhf_pieces_fit_the_target_kernels_eos_ends_and_a_cut_bootstraps():
 
 
 def test_response_discounts_reject_bad_arguments():
-    with pytest.raises(ValueError, match="gamma"):
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\], got 1.5"):
         valuefn.response_discounts(1.5, MASK)
+    with pytest.raises(ValueError, match="gamma must be a scalar"):
+        valuefn.response_discounts(np.full(5, 0.9), MASK)
     with pytest.raises(ValueError, match="truncated"):
         valuefn.response_discounts(0.9, MASK, np.zeros(4, bool))
+
+
+def test_gamma_and_score_clip_may_be_traced():
+    # A sweep vmaps over gamma; a schedule passes score_clip into a jitted step.
+    gammas = jnp.array([0.5, 0.9])
+    swept = jax.vmap(lambda g: valuefn.response_discounts(g, MASK))(gammas)
+    for g, discounts in zip(gammas, swept, strict=True):
+        np.testing.assert_array_equal(discounts, valuefn.response_discounts(float(g), MASK))
+    clipped = jax.jit(lambda c: valuefn.token_rewards(SCORES, MASK, score_clip=c))
+    np.testing.assert_array_equal(
+        clipped(jnp.float32(0.5)), valuefn.token_rewards(SCORES, MASK, score_clip=0.5)
+    )
 
 
 # --- KL controllers ----------------------------------------------------------------------

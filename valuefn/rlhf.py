@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuefn._checks import as_real, check_broadcastable, check_shape, concrete_or_none
+from valuefn._checks import (
+    as_real,
+    check_broadcastable,
+    check_positive,
+    check_shape,
+    concrete_or_none,
+)
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -97,7 +103,7 @@ def token_rewards(
     *,
     kl: ArrayLike | None = None,
     kl_coef: ArrayLike = 0.0,
-    score_clip: float | None = None,
+    score_clip: ArrayLike | None = None,
 ) -> Array:
     """Per-token RLHF rewards: a KL penalty on every token and the score on the last.
 
@@ -115,7 +121,8 @@ def token_rewards(
         read on valid tokens only, so junk elsewhere is harmless.
       kl_coef: KL coefficient ``beta >= 0``, a scalar (traced is fine, e.g. from an
         adaptive controller) or broadcastable to ``[..., T]``.
-      score_clip: if given (> 0), scores are clipped to ``[-score_clip, score_clip]``.
+      score_clip: if given (> 0), scores are clipped to ``[-score_clip, score_clip]``;
+        a scalar, checked where known at trace time.
 
     Returns:
       float32 ``[..., T]`` rewards, 0 on masked tokens.
@@ -127,12 +134,12 @@ def token_rewards(
     shape = valid.shape
     scores = check_shape("scores", as_real("scores", scores), shape[:-1]).astype(jnp.float32)
     if score_clip is not None:
-        clip = concrete_or_none(score_clip)
-        if clip is None or clip.ndim != 0 or not clip > 0:
-            raise ValueError(f"score_clip must be a number > 0 or None, got {score_clip!r}")
-        scores = jnp.clip(scores, -float(clip), float(clip))
+        check_positive("score_clip", score_clip)
+        clip = jnp.asarray(score_clip, jnp.float32)
+        scores = jnp.clip(scores, -clip, clip)
     coef = check_broadcastable("kl_coef", as_real("kl_coef", kl_coef), shape)
-    known_coef = concrete_or_none(coef)
+    # Read as given: under jit jnp's copy of a Python number is traced.
+    known_coef = concrete_or_none(kl_coef)
     if known_coef is not None and np.any(known_coef < 0):
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
 
@@ -149,7 +156,7 @@ def token_rewards(
 
 
 def response_discounts(
-    gamma: float, response_mask: ArrayLike, truncated: ArrayLike | None = None
+    gamma: ArrayLike, response_mask: ArrayLike, truncated: ArrayLike | None = None
 ) -> Array:
     """Per-token discounts of responses: the episode ends at the last valid token.
 
@@ -159,23 +166,27 @@ def response_discounts(
     from the ``bootstrap_value`` of :func:`response_values`.
 
     Args:
-      gamma: the per-token discount, in [0, 1].
+      gamma: the per-token discount, a scalar in [0, 1]; checked where known at
+        trace time, so that it may be traced (a sweep vmapped over gamma).
       response_mask: ``[..., T]`` bool or 0/1, 1 on tokens the policy generated.
       truncated: optional ``[...]`` bool, true where the response was cut.
 
     Returns:
       float32 ``[..., T]`` discounts for the target kernels.
     """
+    if gamma is None or isinstance(gamma, bool) or np.ndim(gamma) != 0:
+        raise ValueError(f"gamma must be a scalar in [0, 1], got {gamma!r}")
+    as_real("gamma", gamma)
     known = concrete_or_none(gamma)
-    if known is None or known.ndim != 0 or not 0 <= known <= 1:
-        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    if known is not None and not 0 <= known <= 1:
+        raise ValueError(f"gamma must lie in [0, 1], got {known.tolist()}")
     valid = _check_response_mask(response_mask)
     is_last = _is_last_valid(valid)
     if truncated is not None:
         cut = as_real("truncated", truncated, allow_bool=True)
         cut = check_shape("truncated", cut, valid.shape[:-1])
         is_last = is_last & ~(cut != 0)[..., None]
-    return jnp.where(is_last, 0.0, jnp.float32(gamma))
+    return jnp.where(is_last, 0.0, jnp.asarray(gamma, jnp.float32))
 
 
 def response_values(
