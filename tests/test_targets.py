@@ -965,6 +965,24 @@ def test_eager_calls_compile_once_per_shape(name, caplog):
     assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
 
 
+def test_kernels_export_with_a_symbolic_batch_size():
+    # jax.export's shape polymorphism: one serialised function for every batch size.
+    (batch,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, 6), jnp.float32)
+    exported = jax.export.export(
+        jax.jit(lambda r, v, m: vf.gae(r, v, 0.9, v[:, 0], 0.8, mask=m)[1])
+    )(spec, spec, spec)
+    inputs = make_episode((3, 6), seed=3, truncations=False)
+    rewards, values, mask = (
+        np.asarray(inputs[k], np.float32) for k in ("rewards", "values", "mask")
+    )
+    np.testing.assert_allclose(
+        exported.call(rewards, values, mask),
+        vf.gae(rewards, values, 0.9, values[:, 0], 0.8, mask=mask)[1],
+        **TOL,
+    )
+
+
 # The kernels that take a method.
 RECURSIVE = ["discounted_returns", "gae_advantages", "gae_returns", "lambda_returns"]
 

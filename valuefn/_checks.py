@@ -43,7 +43,8 @@ def check_shape(name: str, x: Array, shape: tuple[int, ...]) -> Array:
 def check_broadcastable(name: str, x: Array, shape: tuple[int, ...]) -> Array:
     """Checks that ``x`` broadcasts to ``shape`` without changing it."""
     try:
-        result = np.broadcast_shapes(x.shape, tuple(shape))
+        # jnp's, unlike NumPy's, takes jax.export's symbolic dimensions.
+        result = jnp.broadcast_shapes(x.shape, tuple(shape))
     except ValueError:
         result = None
     if result != tuple(shape):

@@ -81,8 +81,8 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
       float32 ``[..., T]`` discounts.
     """
     terminated = as_real("terminated", terminated, allow_bool=True)
-    gamma = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
-    g = concrete_or_none(gamma)
+    checked = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
+    g, gamma = concrete_or_none(gamma), checked  # read as given: under jit jnp's copy is traced
     if g is not None and not np.all((g >= 0) & (g <= 1)):  # NaN fails too
         raise ValueError(f"gamma must lie in [0, 1], got {g.tolist()}")
     return jnp.where(terminated != 0, 0.0, gamma.astype(jnp.float32)).astype(jnp.float32)
@@ -342,10 +342,10 @@ def _shifted(x: Array, k: int, fill: ArrayLike) -> Array:
 
 
 def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
-    lam = concrete_or_none(lambda_)
-    if lam is not None and (np.any(np.isnan(lam)) or np.any(lam < 0) or np.any(lam > 1)):
-        raise ValueError(f"lambda_ must lie in [0, 1], got {np.asarray(lam).tolist()}")
     lam = check_broadcastable("lambda_", as_real("lambda_", lambda_), shape)
+    known = concrete_or_none(lambda_)
+    if known is not None and not np.all((known >= 0) & (known <= 1)):  # NaN fails too
+        raise ValueError(f"lambda_ must lie in [0, 1], got {known.tolist()}")
     return jnp.asarray(lam, jnp.float32)
 
 
