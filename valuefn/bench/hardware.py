@@ -7,7 +7,9 @@
 - ``matmul float32`` and ``matmul bfloat16``: FLOPs per second of a large square
   matmul ``C = A B`` (``2 N^3`` FLOPs) of operands in that dtype, accumulated
   and returned in float32, as the networks' layers multiply. A model's FLOPs
-  over this rate is the floor of its update step.
+  over this rate is the floor of its update step. At JAX's default precision,
+  as the models run, an NVIDIA GPU from Ampere on multiplies float32 operands
+  as TF32: there ``matmul float32`` is the TF32 rate.
 - ``peak bfloat16``: the datasheet's dense bf16 rate of a known accelerator
   (:data:`DATASHEET_BF16`), not measured; a model's FLOPs over it is the usual
   model FLOP utilisation (MFU). Absent on other devices.
