@@ -174,6 +174,9 @@ def test_a_benchmark_in_sections_keeps_each_section_and_what_it_left_out(monkeyp
         ["a", "b", "c", "a"],
         ["a", "b", "c", "a", "b", "c"],
     ]
+    assert [record["running"] for record in seen] == ["fake", "fake", None, "fake", "fake"]
+    assert [record["ran"] for record in seen][:3] == [[], [], ["fake"]]
+    assert suite._cut_short_words(seen[3]).startswith("; cut short in fake")
     assert [f["name"] for f in results["figures"]] == ["a", "b", "c"] * 2
     assert results["skipped"] == {"fake: pallas": "no Triton here"}
     assert "RESOURCE_EXHAUSTED" in results["errors"]["fake"]

@@ -315,7 +315,9 @@ def run_suite(
     source = source_revision()
     errors, skipped = {}, {}
 
-    def record(produced: list, complete: bool) -> dict:
+    def record(produced: list, complete: bool, running: str | None = None) -> dict:
+        """The record of the benchmarks ``produced`` so far; ``running`` names one
+        whose figures are those of its sections so far."""
         rates = limits(produced[0][1]) if produced[0][0] == "hardware" else {}
         return {
             "schema": SCHEMA,
@@ -325,7 +327,8 @@ def run_suite(
             "quick": quick,
             "complete": complete,
             "benchmarks": names,
-            "ran": [name for name, _ in produced],
+            "ran": [name for name, _ in produced if name != running],
+            "running": running,
             "machine": {
                 **_machine(),
                 "load_average": {"start": load_before, "end": _load_average()},
@@ -349,7 +352,7 @@ def run_suite(
 
         def on_section(figures, name=name):
             if progress is not None:
-                progress(record([*produced, (name, list(figures))], complete=False))
+                progress(record([*produced, (name, list(figures))], False, running=name))
 
         produced.append((name, _run_one(name, quick, errors, skipped, echo, on_section, deadline)))
         if progress is not None and len(produced) < len(names):
@@ -492,8 +495,17 @@ def _run_line(results: dict) -> str:
 def _cut_short_words(results: dict) -> str:
     if results.get("complete", True):
         return ""
-    left = [name for name in results["benchmarks"] if name not in results.get("ran", [])]
-    return "; cut short" + (f", not run: {', '.join(left)}" if left else "")
+    running = results.get("running")
+    left = [
+        name
+        for name in results["benchmarks"]
+        if name not in results.get("ran", []) and name != running
+    ]
+    return (
+        "; cut short"
+        + (f" in {running}" if running else "")
+        + (f", not run: {', '.join(left)}" if left else "")
+    )
 
 
 def _source_words(source: dict | None) -> str:
