@@ -505,3 +505,32 @@ def test_bad_arguments_raise_value_error_naming_them():
     head = valuefn.ValueHead(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), 6, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hidden_size"):
         head(jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_mode_through_a_critic_inside_plain_autodiff(dtype):
+    # Forward mode (a directional derivative in parameter space) equals the
+    # reverse-mode gradient's inner product with the direction; outside
+    # plain_autodiff the CPU's custom_vjp layers have no forward mode.
+    model = tiny_transformer(dtype=dtype)
+    randomise_head(model)
+    graphdef, params = nnx.split(model)
+    toks = tokens(batch=2)
+
+    def total(params):
+        return jnp.sum(nnx.merge(graphdef, params)(toks))
+
+    rng = np.random.default_rng(3)
+    direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+    gradient = jax.grad(total)(params)
+    expected = sum(
+        float(jnp.vdot(g, d))
+        for g, d in zip(jax.tree.leaves(gradient), jax.tree.leaves(direction), strict=True)
+    )
+    with valuefn.plain_autodiff():
+        value, tangent = jax.jvp(total, (params,), (direction,))
+        np.testing.assert_array_equal(value, total(params))
+    np.testing.assert_allclose(tangent, expected, rtol=3e-2 if dtype == jnp.bfloat16 else 1e-4)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(TypeError, match="custom_vjp"):
+            jax.jvp(total, (params,), (direction,))

@@ -12,6 +12,7 @@ from valuefn.networks import (
     TransformerValue,
     ValueHead,
     count_parameters,
+    plain_autodiff,
 )
 from valuefn.rlhf import (
     KLController,
@@ -81,6 +82,7 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "n_step_targets",
+    "plain_autodiff",
     "predict",
     "reset_envs",
     "response_discounts",

@@ -8,10 +8,20 @@ which is where :mod:`valuefn.train` finds it for the PopArt rescale.
 
 Parameters are float32 in every network; ``dtype`` sets only the dtype of the
 body's computation (e.g. ``jnp.bfloat16``).
+
+On the CPU the dense layers, and a bf16 or float16 body's attention, define
+their own reverse-mode derivatives (``jax.custom_vjp``: the gradients in the
+layouts XLA's CPU GEMMs run fastest). JAX has no forward mode for those, so
+``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` and forward-over-reverse
+Hessian-vector products through a critic fail there; trace them inside
+:func:`plain_autodiff`, which gives the same functions with JAX's own
+derivatives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -32,6 +42,27 @@ _LAYER_NORM_EPS = 1e-5
 # Causal attention runs over blocks of this many queries, each against the keys
 # up to its last query only; see CausalSelfAttention.
 _QUERY_BLOCK = 128
+_PLAIN_AUTODIFF = contextvars.ContextVar("valuefn_plain_autodiff", default=False)
+
+
+@contextlib.contextmanager
+def plain_autodiff():
+    """Critics traced inside use JAX's own derivatives, forward mode included.
+
+    The same functions, without the CPU's hand-written reverse-mode derivatives
+    (see the module's docstring): ``jax.jvp``, ``jax.jacfwd`` and
+    ``jax.hessian`` work through them, and gradients run at autodiff's speed.
+    It acts when a critic is traced: a function jitted and compiled outside the
+    block keeps the derivatives it was traced with::
+
+      with valuefn.plain_autodiff():
+          _, tangent = jax.jvp(lambda x: model(x), (x,), (dx,))
+    """
+    token = _PLAIN_AUTODIFF.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTODIFF.reset(token)
 
 
 def _dot(a: Array, b: Array) -> Array:
@@ -111,12 +142,14 @@ class _Dense(nnx.Linear):
 
     On the CPU backend ``x @ kernel + bias`` runs through :func:`_affine`: the
     weight gradient in the canonical GEMM layout and the bias gradient summed in
-    float32. Elsewhere it is ``nnx.Linear`` itself.
+    float32. Elsewhere, and inside :func:`plain_autodiff`, it is ``nnx.Linear``
+    itself.
     """
 
     def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
         plain = (
             jax.default_backend() != "cpu"
+            or _PLAIN_AUTODIFF.get()
             or self.bias is None
             or (self.precision, self.preferred_element_type, out_sharding) != (None, None, None)
         )
@@ -344,7 +377,7 @@ def _causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
     float32. (In float32 the written-out gradient measured slower: XLA's own
     GEMM takes transposed float32 operands without a copy.)
     """
-    if jnp.finfo(v.dtype).bits >= 32:
+    if jnp.finfo(v.dtype).bits >= 32 or _PLAIN_AUTODIFF.get():
         return _causal_block_fwd(q, k, v, offset)[0]
     return _narrow_causal_block(q, k, v, offset)
 
