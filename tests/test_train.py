@@ -223,6 +223,29 @@ def test_non_finite_step_leaves_params_and_optimizer_state_untouched():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host(state.params)))
 
 
+def test_optimizers_that_read_the_loss_get_it():
+    # reduce_on_plateau cuts its scale after `patience` steps without improvement
+    # of the loss it is given: a loss that never moves (learning rate 0) must cut it.
+    plateau = optax.contrib.reduce_on_plateau(factor=0.5, patience=2, cooldown=0)
+    optimizer = optax.chain(optax.sgd(0.0), plateau)
+    graphdef, state = valuefn.init_train_state(make_model(head_seed=3), optimizer)
+    update_step = valuefn.make_update_step(graphdef, optimizer)
+    for _ in range(6):
+        state, _ = update_step(state, make_batch())
+    assert float(state.opt_state[1].scale) < 1.0
+
+
+def test_finite_gradients_with_non_finite_updates_are_skipped():
+    # The zero-initialised head gives the body zero gradients at the first step;
+    # adam with eps=0 turns them into 0 / 0.
+    optimizer = optax.adam(1e-2, eps=0.0)
+    graphdef, state = valuefn.init_train_state(make_model(), optimizer)
+    before = host(state)
+    state, metrics = valuefn.make_update_step(graphdef, optimizer)(state, make_batch())
+    assert int(metrics["skipped"]) == 1
+    assert_trees_equal(state.params, before.params)
+
+
 def test_empty_or_non_finite_batches_change_nothing_with_decay_or_normaliser():
     # AdamW decays the weights and moves its moments even on a zero gradient, and
     # the normaliser would move its statistics: a step that is not taken must not.

@@ -71,8 +71,9 @@ class TrainState(NamedTuple):
     """Everything a critic's training carries from step to step; a pytree of arrays.
 
     Attributes:
-      step: ``[]`` int32, number of parameter updates applied (skipped steps
-        do not count).
+      step: ``[]`` int32, number of optimizer updates applied (skipped steps
+        do not count; under ``optax.MultiSteps``, each accumulated gradient
+        counts).
       params: nested dict of float32 arrays, ``nnx.to_pure_dict`` of the
         model's ``nnx.Param`` state.
       opt_state: the optax state for ``params``.
@@ -101,7 +102,11 @@ class ReturnNormalizer:
       decay: None for the exact mean and variance of every target seen so far;
         a float in (0, 1] for exponential moving averages with that weight on
         each new batch (the first batch is taken whole).
-      min_std: lower clip on ``sigma``.
+      min_std: lower clip on ``sigma``. Where the first targets are all equal
+        (variance 0), ``sigma`` sits at ``min_std`` and the rescale that
+        preserves the outputs sets the head's bias to ``-mu / min_std``: far
+        out in normalised units, where an Adam-sized step barely moves it.
+        Set ``min_std`` near the scale of the returns' noise there.
       max_std: upper clip on ``sigma``.
 
     References:
@@ -292,13 +297,17 @@ def _gradient_step(
         return loss, values
 
     (loss, values), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # The loss goes along for transformations that read it (reduce_on_plateau).
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(
+        grads, state.opt_state, state.params, value=loss
+    )
     params = optax.apply_updates(state.params, updates)
 
     # An empty batch would still move the optimiser's moments and decay the weights.
     weights = 1.0 if batch.mask is None else jnp.asarray(batch.mask, jnp.float32)
     has_steps = jnp.any(jnp.broadcast_to(weights, targets.shape) != 0)
-    applied = jnp.isfinite(loss) & _all_finite(grads) & has_steps
+    # Finite gradients can still give non-finite updates (adam with eps=0 on a zero gradient).
+    applied = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates) & has_steps
     new_state = TrainState(
         step=state.step + applied.astype(jnp.int32),
         params=_where_tree(applied, params, state.params),
@@ -358,6 +367,8 @@ def make_update_step(
     Args:
       graphdef: from :func:`init_train_state`.
       optimizer: the optax transformation ``state.opt_state`` was built for.
+        It gets the loss as ``value=`` (for ``optax.contrib.reduce_on_plateau``
+        and others that read it); L-BFGS, which needs a ``value_fn``, does not fit.
       normalizer: a :class:`ReturnNormalizer` to learn normalised values with
         the PopArt head rescale, or None (default) for raw targets. With it,
         the loss, ``huber_delta`` and ``clip_epsilon`` are on the normalised scale.
