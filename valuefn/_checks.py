@@ -131,5 +131,10 @@ def concrete_or_none(x) -> np.ndarray | None:
     """The value of ``x`` as NumPy if it is known at trace time, else None."""
     try:
         return np.asarray(x, dtype=np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+    except (
+        jax.errors.TracerArrayConversionError,
+        jax.errors.ConcretizationTypeError,
+        TypeError,
+        ValueError,  # not numbers: the caller's own checks name them
+    ):
         return None

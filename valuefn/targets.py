@@ -81,10 +81,10 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
       float32 ``[..., T]`` discounts.
     """
     terminated = as_real("terminated", terminated, allow_bool=True)
-    checked = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
-    g, gamma = concrete_or_none(gamma), checked  # read as given: under jit jnp's copy is traced
-    if g is not None and not np.all((g >= 0) & (g <= 1)):  # NaN fails too
-        raise ValueError(f"gamma must lie in [0, 1], got {g.tolist()}")
+    known = concrete_or_none(gamma)  # read as given: under jit jnp's copy is traced
+    gamma = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
+    if known is not None and not np.all((known >= 0) & (known <= 1)):  # NaN fails too
+        raise ValueError(f"gamma must lie in [0, 1], got {known.tolist()}")
     return jnp.where(terminated != 0, 0.0, gamma.astype(jnp.float32)).astype(jnp.float32)
 
 
