@@ -216,6 +216,34 @@ def test_targets_on_an_accelerator_say_what_they_leave_out(monkeypatch):
     ]
 
 
+def test_sweeps_run_last_and_only_where_pallas_compiles(monkeypatch):
+    from valuefn.bench import sweeps
+
+    assert suite.BENCHMARKS[-1] == "sweeps"
+    if jax.default_backend() != "gpu":
+        results = suite.run_suite(["sweeps"], quick=True, echo=lambda *a, **k: None)
+        assert list(results["skipped"]) == ["sweeps"] and results["figures"] == []
+    monkeypatch.setattr(sweeps.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(sweeps, "_pallas_fails", lambda *args: None)
+
+    def fake_sweep(batch, horizon, configs, *, repeats, left_out):
+        left_out[f"setting {configs[0]}"] = "out of shared memory"
+        return [Figure(f"swept {configs[0]}", 1.0, 1.0, 1.0)]
+
+    monkeypatch.setattr(sweeps, "fused_sweep", fake_sweep)
+    monkeypatch.setattr(sweeps, "pallas_sweep", fake_sweep)
+    results = suite.run_suite(["sweeps"], quick=True, echo=lambda *a, **k: None)
+    fused, recursion = targets.FUSED_SWEEP[0], targets.PALLAS_SWEEP[0]
+    assert [f["name"] for f in results["figures"]] == [f"swept {fused}", f"swept {recursion}"]
+    assert results["skipped"] == {
+        f"sweeps: setting {fused}": "out of shared memory",
+        f"sweeps: setting {recursion}": "out of shared memory",
+    }
+    monkeypatch.setattr(sweeps, "_pallas_fails", lambda *args: "no Triton here")
+    results = suite.run_suite(["sweeps"], quick=True, echo=lambda *a, **k: None)
+    assert results["skipped"] == {"sweeps": "no Triton here"} and results["figures"] == []
+
+
 def test_pallas_is_timed_only_where_its_kernels_are_compiled(monkeypatch):
     assert ("pallas" in targets.methods()) == (jax.default_backend() == "gpu")
     monkeypatch.setattr(targets.jax, "default_backend", lambda: "gpu")

@@ -30,7 +30,8 @@ class Timing(NamedTuple):
 
 class Skipped(NamedTuple):
     """What a benchmark yields for a part it leaves out, and why: the results
-    file lists it under ``skipped`` as ``"<benchmark>: <what>"``."""
+    file lists it under ``skipped`` as ``"<benchmark>: <what>"``, or as
+    ``"<benchmark>"`` where ``what`` is empty (the whole benchmark)."""
 
     what: str
     reason: str

@@ -40,10 +40,19 @@ from pathlib import Path
 
 from valuefn import _host
 
-# The update step runs before the target kernels: on a GPU the targets end with
-# the Pallas sweeps, experimental kernels whose compiler could take the process
-# down, and the 124M critic's MFU must not depend on them.
-BENCHMARKS = ("hardware", "update", "targets", "footprint", "rollout", "iteration", "scaling")
+# The update step runs first, and the Pallas sweeps last: on a GPU those are
+# experimental compilations that could take the process down, and neither the
+# 124M critic's MFU nor the target kernels' figures may depend on them.
+BENCHMARKS = (
+    "hardware",
+    "update",
+    "targets",
+    "footprint",
+    "rollout",
+    "iteration",
+    "scaling",
+    "sweeps",
+)
 VERSIONED = ("valuefn", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "rlax")
 SCHEMA = 1
 # XLA CPU flags the suite runs with unless --default-xla-flags: YNNPACK for the
@@ -278,7 +287,7 @@ def _run_one(
             if section is None:
                 break
             if isinstance(section, Skipped):
-                skipped[f"{name}: {section.what}"] = section.reason
+                skipped[f"{name}: {section.what}" if section.what else name] = section.reason
                 continue
             figures += section
             if on_section is not None:

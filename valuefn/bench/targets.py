@@ -39,10 +39,8 @@ untimed call of the same function, as the update steps are (see
 
 The method map times ``associative`` (and ``pallas`` on a GPU) against
 ``scan`` over a grid of shapes (``ratio`` is the speed-up over ``scan``);
-``auto`` is chosen from it. On a GPU the Pallas kernels are swept at
-256 x 4096 against their defaults: the chunk and block sizes of GAE's kernels
-that read the inputs (the path ``gae pallas`` takes there), and the backend,
-chunk and block sizes of the recursion alone.
+``auto`` is chosen from it. The Pallas kernels' settings are swept by
+:mod:`valuefn.bench.sweeps`, which the suite runs last.
 """
 
 from __future__ import annotations
@@ -515,8 +513,3 @@ def run(quick: bool) -> Iterator[list[Figure] | Skipped]:
         grid = MAP_CPU if jax.default_backend() == "cpu" else MAP_GPU
     for shape in grid:
         yield method_map([shape], repeats=repeats, gae_methods=gae_methods)
-    if "pallas" in gae_methods and not quick:
-        for sweep, configs in ((fused_sweep, FUSED_SWEEP), (pallas_sweep, PALLAS_SWEEP)):
-            left_out = {}
-            yield sweep(*PALLAS_SWEEP_SHAPE, configs, repeats=repeats, left_out=left_out)
-            yield from (Skipped(what, reason) for what, reason in left_out.items())
