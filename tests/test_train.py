@@ -444,6 +444,16 @@ def test_epochs_step_counts_skipped_minibatches():
     assert all(np.isfinite(float(value)) for value in metrics.values())
 
 
+def test_skipped_is_int32_from_both_steps_under_x64():
+    with jax.enable_x64(True):
+        optimizer = optax.adam(1e-2)
+        graphdef, state = valuefn.init_train_state(make_model(), optimizer)
+        state, metrics = valuefn.make_update_step(graphdef, optimizer)(state, make_batch())
+        epochs_step = valuefn.make_epochs_step(graphdef, optimizer, num_epochs=1, num_minibatches=2)
+        _, summary = epochs_step(state, make_batch(), jax.random.key(0))  # the step donates
+    assert metrics["skipped"].dtype == summary["skipped"].dtype == jnp.int32
+
+
 def test_epochs_step_with_normalizer_moves_statistics_once_per_call():
     optimizer = optax.adam(1e-2)
     graphdef, state = valuefn.init_train_state(make_model(), optimizer)

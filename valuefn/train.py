@@ -453,7 +453,7 @@ def make_epochs_step(
             for name, value in metrics.items()
             if name != "skipped"
         }
-        summary["skipped"] = jnp.sum(metrics["skipped"])
+        summary["skipped"] = jnp.sum(metrics["skipped"], dtype=jnp.int32)
         if normalizer is not None:
             state = _where_tree(jnp.any(applied), state, start)
         return state, summary
