@@ -52,6 +52,17 @@ def check_broadcastable(name: str, x: Array, shape: tuple[int, ...]) -> Array:
     return x
 
 
+def check_unit_interval(name: str, x) -> Array:
+    """``x`` as an array of real numbers (:func:`as_real`), each in [0, 1] where
+    known at trace time. The value is read as given: under jit jnp's copy of a
+    Python number is traced."""
+    array = as_real(name, x)
+    known = concrete_or_none(x)
+    if known is not None and not np.all((known >= 0) & (known <= 1)):  # NaN fails too
+        raise ValueError(f"{name} must lie in [0, 1], got {known.tolist()}")
+    return array
+
+
 def check_count(name: str, value, *, numpy: bool = True) -> int:
     """``value`` as an int >= 1: a Python int, or a NumPy integer too unless
     ``numpy=False``; bool is not taken. A ValueError naming ``name`` otherwise."""

@@ -29,6 +29,7 @@ from valuefn._checks import (
     check_broadcastable,
     check_positive,
     check_shape,
+    check_unit_interval,
     concrete_or_none,
 )
 
@@ -176,10 +177,7 @@ def response_discounts(
     """
     if gamma is None or isinstance(gamma, bool) or np.ndim(gamma) != 0:
         raise ValueError(f"gamma must be a scalar in [0, 1], got {gamma!r}")
-    as_real("gamma", gamma)
-    known = concrete_or_none(gamma)
-    if known is not None and not 0 <= known <= 1:
-        raise ValueError(f"gamma must lie in [0, 1], got {known.tolist()}")
+    check_unit_interval("gamma", gamma)
     valid = _check_response_mask(response_mask)
     is_last = _is_last_valid(valid)
     if truncated is not None:

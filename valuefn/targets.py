@@ -29,7 +29,6 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from valuefn import _gae_maps, _pallas_gae
 from valuefn._checks import (
@@ -37,7 +36,7 @@ from valuefn._checks import (
     check_broadcastable,
     check_count,
     check_shape,
-    concrete_or_none,
+    check_unit_interval,
 )
 from valuefn._pallas_scan import reverse_linear_pallas
 
@@ -81,10 +80,7 @@ def discounts(gamma: ArrayLike, terminated: ArrayLike) -> Array:
       float32 ``[..., T]`` discounts.
     """
     terminated = as_real("terminated", terminated, allow_bool=True)
-    known = concrete_or_none(gamma)  # read as given: under jit jnp's copy is traced
-    gamma = check_broadcastable("gamma", as_real("gamma", gamma), terminated.shape)
-    if known is not None and not np.all((known >= 0) & (known <= 1)):  # NaN fails too
-        raise ValueError(f"gamma must lie in [0, 1], got {known.tolist()}")
+    gamma = check_broadcastable("gamma", check_unit_interval("gamma", gamma), terminated.shape)
     return jnp.where(terminated != 0, 0.0, gamma.astype(jnp.float32)).astype(jnp.float32)
 
 
@@ -342,10 +338,7 @@ def _shifted(x: Array, k: int, fill: ArrayLike) -> Array:
 
 
 def _check_lambda(lambda_: ArrayLike, shape: tuple[int, ...]) -> Array:
-    lam = check_broadcastable("lambda_", as_real("lambda_", lambda_), shape)
-    known = concrete_or_none(lambda_)
-    if known is not None and not np.all((known >= 0) & (known <= 1)):  # NaN fails too
-        raise ValueError(f"lambda_ must lie in [0, 1], got {known.tolist()}")
+    lam = check_broadcastable("lambda_", check_unit_interval("lambda_", lambda_), shape)
     return jnp.asarray(lam, jnp.float32)
 
 
