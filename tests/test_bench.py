@@ -208,7 +208,8 @@ def test_budget_must_be_a_positive_number_of_seconds(budget, capsys):
 def test_targets_on_an_accelerator_say_what_they_leave_out(monkeypatch):
     monkeypatch.setattr(targets.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(targets, "_pallas_fails", lambda *args: "no Triton here")
-    monkeypatch.setattr(targets, "optional", lambda name: types.ModuleType(name))
+    for module in (targets, figures):  # torch and rlax "installed"
+        monkeypatch.setattr(module, "optional", lambda name: types.ModuleType(name))
     sections = targets.run(quick=True)
     assert [next(sections), next(sections)] == [
         figures.Skipped("torch loop", "it runs on the CPU, JAX on gpu"),

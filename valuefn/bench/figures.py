@@ -7,7 +7,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -127,10 +127,14 @@ def optional(name: str):
         return None
 
 
-def baseline_torch():
-    """``torch`` for the PyTorch baselines, or None: where it is not installed, and
-    where JAX runs on an accelerator, since the baselines run on the CPU."""
-    return optional("torch") if jax.default_backend() == "cpu" else None
+def baseline_torch(what: str) -> tuple[Any, list[Skipped]]:
+    """``torch`` for the PyTorch baseline ``what``, or None: where it is not
+    installed, and where JAX runs on an accelerator, since the baselines run on
+    the CPU; with the :class:`Skipped` to yield in that last case."""
+    torch = optional("torch")
+    if torch is None or jax.default_backend() == "cpu":
+        return torch, []
+    return None, [Skipped(what, f"it runs on the CPU, JAX on {jax.default_backend()}")]
 
 
 _RUNS = itertools.count()

@@ -491,9 +491,8 @@ def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats
 def run(quick: bool) -> Iterator[list[Figure] | Skipped]:
     """The target kernels against PyTorch and rlax, and GAE's method map (``quick``: tiny),
     yielded shape by shape so that a run cut short keeps what it measured."""
-    torch, rlax = baseline_torch(), optional("rlax")
-    if torch is None and optional("torch") is not None:
-        yield Skipped("torch loop", f"it runs on the CPU, JAX on {jax.default_backend()}")
+    (torch, left_out), rlax = baseline_torch("torch loop"), optional("rlax")
+    yield from left_out
     # Every call but the PyTorch loop's takes milliseconds, so rounds are cheap,
     # and 27 of them give medians and counts of rounds won that hold.
     repeats = 3 if quick else 27

@@ -41,7 +41,7 @@ from flax import nnx
 
 import valuefn
 from valuefn.bench import problem
-from valuefn.bench.figures import Figure, Skipped, baseline_torch, measure_many, optional, timed
+from valuefn.bench.figures import Figure, Skipped, baseline_torch, measure_many, timed
 
 ROWS, SEQ_LEN = 32, 256
 QUICK_ROWS, QUICK_SEQ_LEN = 8, 16
@@ -176,9 +176,8 @@ def torch_model(torch, spec: problem.ModelSpec, seq_len: int):
 def run(quick: bool) -> Iterator[list[Figure] | Skipped]:
     """The update step against PyTorch eager, and the 124M critic (``quick``: tiny
     sizes), yielded case by case so that a run cut short keeps what it measured."""
-    torch = baseline_torch()
-    if torch is None and optional("torch") is not None:
-        yield Skipped("torch eager", f"it runs on the CPU, JAX on {jax.default_backend()}")
+    torch, left_out = baseline_torch("torch eager")
+    yield from left_out
     base = problem.TINY if quick else problem.REFERENCE
     rows, seq_len = (QUICK_ROWS, QUICK_SEQ_LEN) if quick else (ROWS, SEQ_LEN)
     cases = [("update step", "float32", None), ("update step", "bfloat16", None)]
