@@ -174,6 +174,13 @@ def _valid(mask, shape) -> np.ndarray:
     return np.broadcast_to(np.asarray(mask) != 0, shape)
 
 
+def _weights(mask, shape) -> np.ndarray:
+    """A bool or 0/1 mask, or non-negative weights, as float weights."""
+    if mask is None:
+        return np.ones(shape, np.float64)
+    return np.broadcast_to(np.asarray(mask, np.float64), shape)
+
+
 def pointwise_loss(residual: float, kind: str, huber_delta: float) -> float:
     if kind == "mse" or abs(residual) <= huber_delta:
         return 0.5 * residual * residual
@@ -197,31 +204,35 @@ def value_loss(
 ) -> float:
     values = np.asarray(values, np.float32)
     targets = np.asarray(targets, np.float32)
-    valid = _valid(mask, values.shape)
-    losses = np.zeros(values.shape, np.float32)
+    weights = _weights(mask, values.shape)
+    losses = np.zeros(values.shape, np.float64)
     for i in np.ndindex(values.shape):
-        if not valid[i]:
+        if weights[i] == 0:
             continue
         loss = pointwise_loss(values[i] - targets[i], kind, huber_delta)
         if old_values is not None:
             v_clip = clipped_value(values[i], old_values[i], clip_epsilon)
             loss = max(loss, pointwise_loss(v_clip - targets[i], kind, huber_delta))
-        losses[i] = loss
+        losses[i] = weights[i] * loss
     if aggregate == "sum":
         return float(losses.sum())
     if aggregate == "token_mean":
-        return float(losses.sum() / valid.sum()) if valid.any() else 0.0
+        return float(losses.sum() / weights.sum()) if weights.any() else 0.0
     row_means = []
     for i in np.ndindex(values.shape[:-1]):
-        if valid[i].any():
-            row_means.append(losses[i][valid[i]].mean())
+        if weights[i].any():
+            row_means.append(losses[i].sum() / weights[i].sum())
     return float(np.mean(row_means)) if row_means else 0.0
 
 
 def masked_mean(x, mask=None) -> float:
-    x = np.asarray(x, np.float32)
-    picked = x[_valid(mask, x.shape)]
-    return float(picked.mean()) if picked.size else 0.0
+    x = np.asarray(x, np.float64)
+    weights = _weights(mask, x.shape)
+    total = 0.0
+    for i in np.ndindex(x.shape):
+        if weights[i] != 0:
+            total += weights[i] * x[i]
+    return float(total / weights.sum()) if weights.any() else 0.0
 
 
 def masked_whiten(x, mask=None, eps=1e-8) -> np.ndarray:

@@ -58,6 +58,26 @@ def test_value_loss_matches_reference(shape, kind, aggregate, clipped, masked):
     )
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("clipped", [False, True])
+def test_value_loss_and_masked_mean_weight_steps_by_a_fractional_mask(kind, aggregate, clipped):
+    batch = make_batch((4, 6), seed=13)
+    weights = np.random.default_rng(13).random((4, 6)).astype(np.float32)
+    batch["mask"] = np.where(batch["mask"], weights, 0.0)
+    options = loss_options(batch, clipped=clipped, kind=kind, aggregate=aggregate, huber_delta=0.7)
+    np.testing.assert_allclose(
+        vf.value_loss(batch["values"], batch["targets"], **options),
+        ref.value_loss(batch["values"], batch["targets"], **options),
+        **TOL,
+    )
+    np.testing.assert_allclose(
+        vf.masked_mean(batch["targets"], batch["mask"]),
+        ref.masked_mean(batch["targets"], batch["mask"]),
+        **TOL,
+    )
+
+
 def test_huber_equals_mse_inside_delta_and_is_linear_outside():
     delta = 0.5
     residuals = np.linspace(-2.0, 2.0, 17, dtype=np.float32)
@@ -161,14 +181,21 @@ def test_masked_junk_changes_neither_loss_nor_gradient(kind, aggregate, clipped)
         for key, value in clean.items()
     }
 
-    def loss_and_grad(batch):
-        options = loss_options(batch, clipped=clipped, kind=kind, aggregate=aggregate)
-        return jax.value_and_grad(vf.value_loss)(batch["values"], batch["targets"], **options)
+    def loss_and_grads(batch):
+        # Also differentiate a traced clip_epsilon, which reads the old values.
+        def loss(values, clip_epsilon):
+            options = loss_options(batch, clipped=clipped, kind=kind, aggregate=aggregate)
+            if clipped:
+                options["clip_epsilon"] = clip_epsilon
+            return vf.value_loss(values, batch["targets"], **options)
 
-    loss, grad = loss_and_grad(junk)
-    expected_loss, expected_grad = loss_and_grad(clean)
+        return jax.value_and_grad(loss, argnums=(0, 1))(batch["values"], 0.2)
+
+    loss, grads = loss_and_grads(junk)
+    expected_loss, expected_grads = loss_and_grads(clean)
     np.testing.assert_allclose(loss, expected_loss, **TOL)
-    np.testing.assert_allclose(grad, expected_grad, **TOL)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(grad, expected, **TOL)
 
 
 def test_targets_carry_no_gradient_unless_asked():
@@ -250,10 +277,14 @@ def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_the_mean():
 
 @pytest.mark.parametrize("constant", [0.0, 0.1, 3.3, 123.456])
 @pytest.mark.parametrize("size", [5, 7, 13])
-def test_explained_variance_is_zero_for_constant_targets(constant, size):
+@pytest.mark.parametrize("first_masked", [False, True])
+def test_explained_variance_is_zero_for_constant_targets(constant, size, first_masked):
     targets = np.full(size, constant, np.float32)
     values = targets + np.linspace(-1, 1, size, dtype=np.float32)
-    assert vf.explained_variance(values, targets) == 0.0
+    mask = np.ones(size, bool)
+    if first_masked:  # the junk there must not set the shift that makes the variance 0
+        mask[0], targets[0] = False, constant - 1.0
+    assert vf.explained_variance(values, targets, mask) == 0.0
 
 
 @pytest.mark.parametrize("shape", SHAPES)

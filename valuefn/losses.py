@@ -46,7 +46,8 @@ def masked_mean(x: ArrayLike, mask: ArrayLike | None = None, axis=None) -> Array
 
     Args:
       x: any shape.
-      mask: broadcastable to ``x.shape``; 1 (or a weight) where the step counts.
+      mask: broadcastable to ``x.shape``; 1 (or a non-negative weight) where
+        the step counts.
       axis: axes to reduce, as in ``jnp.mean``.
 
     Returns:
@@ -180,7 +181,9 @@ def value_loss(
     Args:
       values: predictions ``V(s_t)``, ``[..., T]``.
       targets: same shape as ``values``.
-      mask: optional, broadcastable to ``values.shape``.
+      mask: optional, broadcastable to ``values.shape``: 1 where a step counts
+        and 0 where not, or a non-negative weight for each step (the means
+        then divide by the sum of the weights).
       old_values: predictions of the critic that collected the data.
       clip_epsilon: clip range for the clipped loss, a scalar > 0 (traced is
         fine, e.g. from a schedule).
