@@ -349,6 +349,40 @@ def test_popart_rescale_leaves_predictions_unchanged_when_statistics_move():
         )
 
 
+def test_clipped_loss_under_popart_normalises_targets_and_old_values_alike():
+    model = make_model(head_seed=8)
+    # A zero learning rate leaves the rescaled head that the loss was taken with.
+    optimizer = optax.sgd(0.0)
+    graphdef, state = valuefn.init_train_state(model, optimizer)
+    update_step = valuefn.make_update_step(
+        graphdef, optimizer, normalizer=valuefn.ReturnNormalizer(), clip_epsilon=0.2
+    )
+    batch = make_batch(seed=3, scale=10.0, shift=100.0)
+    # Old predictions around the critic's own, on both sides, so that some clip.
+    values = np.asarray(valuefn.predict(graphdef, state.params, batch.inputs, state.return_stats))
+    noise = np.random.default_rng(3).normal(size=values.shape)
+    old_values = (values + 8.0 * noise).astype(np.float32)
+    batch = batch._replace(old_values=old_values)
+    state, metrics = update_step(state, batch)
+
+    stats = host(state.return_stats)
+    values = valuefn.predict(graphdef, state.params, batch.inputs, state.return_stats)
+    normalise = lambda x: (np.asarray(x, np.float64) - stats.mean) / stats.std  # noqa: E731
+    values, targets, old = normalise(values), normalise(batch.targets), normalise(old_values)
+    np.testing.assert_allclose(
+        metrics["value_loss"],
+        numpy_clipped_loss(values, targets, batch.mask, old, 0.2),
+        rtol=1e-4,
+    )
+    outside = np.abs(values - old) > 0.2
+    clipped = old + np.clip(values - old, -0.2, 0.2)
+    active = outside & ((clipped - targets) ** 2 > (values - targets) ** 2)
+    np.testing.assert_allclose(
+        metrics["clip_fraction"], np.sum(active * batch.mask) / np.sum(batch.mask), atol=1e-6
+    )
+    assert 0.0 < float(metrics["clip_fraction"]) < 1.0
+
+
 def test_popart_learns_large_targets_that_the_raw_critic_cannot_reach():
     batch = make_batch(scale=100.0, shift=1000.0)
     mask = batch.mask.astype(bool)
@@ -370,12 +404,13 @@ def test_popart_learns_large_targets_that_the_raw_critic_cannot_reach():
     assert abs(raw_values.mean() - targets.mean()) > 500.0
 
 
-def test_exponential_return_statistics():
+@pytest.mark.parametrize("decay", [0.25, 1.0])
+def test_exponential_return_statistics(decay):
     model = make_model(head_seed=5)
     optimizer = optax.sgd(0.0)
     graphdef, state = valuefn.init_train_state(model, optimizer)
     update_step = valuefn.make_update_step(
-        graphdef, optimizer, normalizer=valuefn.ReturnNormalizer(decay=0.25)
+        graphdef, optimizer, normalizer=valuefn.ReturnNormalizer(decay=decay)
     )
     mean, second = None, None
     for seed in range(3):
@@ -384,7 +419,8 @@ def test_exponential_return_statistics():
         if mean is None:
             mean, second = y.mean(), np.mean(y**2)
         else:
-            mean, second = 0.75 * mean + 0.25 * y.mean(), 0.75 * second + 0.25 * np.mean(y**2)
+            mean = (1 - decay) * mean + decay * y.mean()
+            second = (1 - decay) * second + decay * np.mean(y**2)
         state, _ = update_step(state, batch)
         np.testing.assert_allclose(state.return_stats.mean, mean, rtol=1e-5)
         np.testing.assert_allclose(state.return_stats.var, second - mean**2, rtol=1e-4)
@@ -423,6 +459,21 @@ def test_epochs_step_equals_the_same_minibatch_steps_one_by_one():
     )
     np.testing.assert_allclose(metrics["value_loss"], np.mean(losses), rtol=1e-5)
     assert int(metrics["skipped"]) == 0
+
+
+@pytest.mark.parametrize("mask_shape", [(STEPS,), (ROWS, 1)])
+def test_epochs_step_broadcasts_a_mask_as_the_loss_does(mask_shape):
+    optimizer = optax.adam(1e-2)
+    graphdef, state = valuefn.init_train_state(make_model(head_seed=9), optimizer)
+    epochs_step = valuefn.make_epochs_step(graphdef, optimizer, num_epochs=2, num_minibatches=2)
+    batch = make_batch(seed=4)
+    mask = (np.random.default_rng(4).random(mask_shape) > 0.3).astype(np.float32)
+    full = batch._replace(mask=np.broadcast_to(mask, batch.targets.shape).copy())
+    results = [
+        epochs_step(jax.tree.map(jnp.array, state), b, jax.random.key(1))
+        for b in (batch._replace(mask=mask), full)
+    ]
+    assert_trees_equal(*results)
 
 
 def test_epochs_step_counts_skipped_minibatches():
