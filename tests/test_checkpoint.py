@@ -130,6 +130,11 @@ def test_latest_step_and_max_to_keep(tmp_path):
     earlier, step = checkpoint.restore(tmp_path, fresh, step=3)
     assert step == 3
     assert_identical(earlier, saved[3])
+    # Saving below a later checkpoint would leave that one the latest: refused,
+    # with nothing deleted.
+    with pytest.raises(ValueError, match=r"step 3 is below the checkpoints \[4\]"):
+        checkpoint.save(tmp_path, fresh, 3)
+    assert_identical(checkpoint.restore(tmp_path, fresh, step=3)[0], saved[3])
     # Saving a step again replaces it.
     checkpoint.save(tmp_path, fresh, 4)
     again, _ = checkpoint.restore(tmp_path, fresh)

@@ -54,7 +54,9 @@ def save(
         paths are resolved against the working directory).
       state: the :class:`TrainState` to save; it stays usable afterwards.
       step: the number to save it under, an int >= 0 (e.g. iterations done); an
-        existing checkpoint with that number is replaced.
+        existing checkpoint with that number is replaced. The latest checkpoint
+        is the one with the highest number, so ``directory`` must hold none
+        numbered above ``step``.
       max_to_keep: keep only this many most recent checkpoints (None: all).
 
     Returns:
@@ -67,9 +69,16 @@ def save(
         raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep!r}")
     directory = _directory(directory)
     with _manager(directory, max_to_keep) as manager:
+        later = [s for s in manager.all_steps() if s > step]
+        if later:
+            raise ValueError(
+                f"step {step} is below the checkpoints {sorted(later)} in {str(directory)!r}, "
+                f"which restore would take as the latest: save into another directory, "
+                f"or delete them first"
+            )
         if step in manager.all_steps():
             manager.delete(step)
-        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
     return directory
 
