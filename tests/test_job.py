@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -154,10 +157,37 @@ def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
 
+    # A new run must not write its checkpoints among the run's.
+    assert cli.main(["train", "--quiet", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoints of a run" in err, err
+
     # No --config: the tiny critic and task come from the run's config.json.
     assert cli.main([*resume, "--iterations", "4"]) == 0
     assert [line["iteration"] for line in metrics_of(run)] == [1, 2, 3, 4]
     assert json.loads((run / "config.json").read_text())["critic"]["d_model"] == 16
+
+
+def test_distributed_resume_starts_the_runtime_before_reading_the_checkpoints(tmp_path):
+    from test_distributed import free_port
+
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(TINY_TOML)
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config_file), "--quiet", "--out", str(run)]
+    assert cli.main([*argv, "--iterations", "2"]) == 0
+    # jax.distributed must start before any backend, so the job runs in a fresh process.
+    address = f"127.0.0.1:{free_port()}"
+    cluster = ["--coordinator-address", address, "--num-processes", "1", "--process-id", "0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "valuefn.cli", *argv, "--resume", "--distributed", *cluster],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "VALUEFN_HUGE_PAGES": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line["iteration"] for line in metrics_of(run)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -178,6 +208,12 @@ def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
         (["--fsdp", "3"], None, "--fsdp"),
         (["--fsdp", "0"], None, "--fsdp must be >= 1, got 0"),
         (["--num-processes", "2"], None, "need --distributed"),
+        (["--distributed", "--num-processes", "0"], None, "--distributed: num_processes must"),
+        (
+            ["--distributed", "--num-processes", "2", "--process-id", "5"],
+            None,
+            "--distributed: process_id must lie in [0, 2), got 5",
+        ),
     ],
 )
 def test_bad_flags_and_config_exit_2_with_one_line(tmp_path, capsys, argv_tail, contents, message):
@@ -196,6 +232,8 @@ def test_out_that_is_a_file_or_a_resume_without_a_checkpoint_exits_2(tmp_path, c
     (tmp_path / "file").write_text("")
     assert cli.main(["train", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(tmp_path / "file" / "run")]) == 2
+    assert "--out" in capsys.readouterr().err
     (tmp_path / "empty" / "checkpoint").mkdir(parents=True)
     assert cli.main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert "no checkpoint in" in capsys.readouterr().err

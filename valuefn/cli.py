@@ -103,20 +103,35 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(
             "--coordinator-address, --num-processes and --process-id need --distributed"
         )
-    config = _resumed_config(args, out) if args.resume else _read_config(args)
 
     import jax
 
     from valuefn import distributed, job, report
 
-    mesh = None
     if args.distributed:
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        # Before anything that starts a JAX backend: reading the checkpoints does.
+        try:
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise UsageError(f"--distributed: {err}") from err
+    if args.resume:
+        config = _resumed_config(args, out)
+    else:
+        config = _read_config(args)
+        try:
+            job.check_out(out, resume=False)
+        except ValueError as err:
+            raise UsageError(f"--out: {err}") from err
+    mesh = None
     if args.distributed or args.fsdp > 1 or jax.device_count() > 1:
         try:
             mesh = distributed.make_mesh(fsdp=args.fsdp)
         except ValueError as err:
             raise UsageError(f"--fsdp: {err}") from err
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: {err.strerror}") from err
     print(
         f"valuefn train: {config.iterations} iterations of {config.batch_size} dialogues "
         f"on {jax.device_count()} {jax.default_backend()} device(s); writing to {out}"

@@ -332,6 +332,16 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (np.asarray(v).tolist()) for k, v in host.items()}
 
 
+def check_out(out: Path, *, resume: bool) -> None:
+    """Raises ValueError where a new run (not ``resume``) would join another run's checkpoints."""
+    from valuefn import checkpoint
+
+    if not resume and checkpoint.latest_step(Path(out) / "checkpoint") is not None:
+        raise ValueError(
+            f"{str(out)!r} holds the checkpoints of a run; resume it, or write to another folder"
+        )
+
+
 def run(
     config: TrainConfig,
     out: Path,
@@ -347,7 +357,7 @@ def run(
 
     Args:
       config: the job.
-      out: output directory (created).
+      out: output directory (created); for a new run it must hold no checkpoint.
       resume: continue from the checkpoint in ``out``.
       mesh: run data-parallel over this mesh (see :mod:`valuefn.distributed`).
       show_progress: draw a progress bar.
@@ -360,6 +370,7 @@ def run(
     from valuefn import checkpoint, report
 
     out = Path(out)
+    check_out(out, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config)
     graphdef, state = init_train_state(make_critic(config), optimizer)
