@@ -164,6 +164,9 @@ def test_bad_mesh_arguments_raise_value_errors_naming_them(monkeypatch):
     [
         ((64, 32), ("fsdp",)),
         ((6, 64), (None, "fsdp")),
+        ((8, 64), (None, "fsdp")),  # the largest divisible axis, not the first
+        ((8, 4), ("fsdp",)),  # exactly min_size elements
+        ((7, 4), ()),  # fewer
         ((7, 9), ()),
         ((16,), ()),
     ],

@@ -1,5 +1,7 @@
 """Tests for the built-in environments: the random walk's values and the dialogue task."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,9 @@ def test_random_walk_config_rejects_bad_values():
         RandomWalkConfig(num_states=3, start_state=3)
     with pytest.raises(ValueError, match="gamma"):
         random_walk_values(RandomWalkConfig(), 0.5, 1.5)
+    for right_prob in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="right_prob"):
+            random_walk_values(RandomWalkConfig(), right_prob, 0.9)
     with pytest.raises(ValueError, match="num_states must be an integer"):
         RandomWalkConfig(num_states=2.5)
     with pytest.raises(ValueError, match="start_state must be an integer or None"):
@@ -235,6 +240,14 @@ def test_dialogues_follow_the_turn_structure_with_consistent_masks_flags_and_log
     assert np.all(turn_ends.any(axis=0)) and np.all((~turn_ends).any(axis=0))
 
 
+def test_dialogues_are_sampled_from_the_models_given():
+    models = dialogue_models(dataclasses.replace(CONFIG, seed=1))
+    sample = jax.jit(sample_dialogues, static_argnames=("batch_size", "config"))
+    given = jax.tree.map(np.asarray, sample(jax.random.key(0), 8, CONFIG, models))
+    for b in range(8):
+        _check_dialogue(given, b, CONFIG, models)
+
+
 def test_dialogues_are_deterministic_for_a_key(dialogues):
     again = SAMPLE(jax.random.key(0), BATCH)
     jax.tree.map(np.testing.assert_array_equal, dialogues, jax.tree.map(np.asarray, again))
@@ -297,6 +310,11 @@ def test_dialogue_config_rejects_bad_values():
         ("turn_weights", [1.0, 0.5, 0.25], "turn_weights must be a tuple"),
         ("eos_bias", float("nan"), "eos_bias must be a finite number"),
         ("seed", -1, "seed must be >= 0"),
+        ("num_turns", 0, "num_turns must be >= 1"),
+        ("turn_length", 0, "turn_length must be >= 1"),
+        ("user_length", 0, "user_length must be >= 1"),
+        ("hidden_size", 0, "hidden_size must be >= 1"),
+        ("reference_noise", -0.05, "reference_noise must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             DialogueConfig(**{field: value})
