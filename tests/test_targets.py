@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 
 import chex
 import jax
@@ -954,6 +955,27 @@ def test_targets_carry_no_gradient_by_default(name):
         np.testing.assert_array_equal(grad, 0.0)
 
 
+@pytest.mark.parametrize("n", [3, 8, 70])
+@pytest.mark.parametrize("masked", [False, "run", True])
+@pytest.mark.parametrize("truncations", [False, True])
+def test_n_step_targets_carry_no_gradient_on_every_path(n, masked, truncations):
+    # n and the mask's layout pick among the unrolled, one-pass and looped forms.
+    inputs = make_episode((3, 80), seed=2, masked=masked, truncations=truncations)
+    for grad in _grads(vf.n_step_targets, inputs, n=n):
+        np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("backend", "horizon", "scans"),
+    [("cpu", 300, True), ("cpu", 100, True), ("gpu", 300, False), ("gpu", 100, True)],
+)
+def test_auto_takes_the_scan_on_a_cpu_and_for_short_horizons(monkeypatch, backend, horizon, scans):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    inputs = make_episode((2, horizon), seed=4, masked=False, truncations=False)
+    jaxpr = str(jax.make_jaxpr(lambda i: call(gae_part(0), i, lambda_=0.8, method="auto"))(inputs))
+    assert bool(re.search(r"\bscan\[", jaxpr)) == scans
+
+
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_eager_calls_compile_once_per_shape(name, caplog):
     # Called without jax.jit, a kernel compiles on its first call only: a scan of a
@@ -1202,6 +1224,15 @@ BAD_INPUTS = [
     ("lambda_returns", {"lambda_": -0.1}, "lambda_"),
     ("lambda_returns", {"lambda_": 1.5}, "lambda_"),
     ("lambda_returns", {"lambda_": float("nan")}, "lambda_"),
+    ("lambda_returns", {"lambda_": np.array([0.9, 0.9, 0.9, 0.9, 1.5])}, "lambda_"),
+    (
+        "td_targets",
+        {
+            **{name: np.zeros((3, 0)) for name in ("rewards", "values", "discounts")},
+            **{"mask": None, "truncated": None, "final_values": None},
+        },
+        "rewards",
+    ),
     ("lambda_returns", {"method": "fast"}, "method"),
     ("gae", {"lambda_": 2.0}, "lambda_"),
     ("gae", {"lambda_": np.full((3, 4), 0.5)}, "lambda_"),
@@ -1227,7 +1258,9 @@ def test_bad_input_raises_value_error_naming_the_argument(name, changes, argumen
         getattr(vf, name)(**kwargs)
 
 
-@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan"), np.full(2, 0.9)])
+@pytest.mark.parametrize(
+    "gamma", [-0.1, 1.5, float("nan"), np.full(2, 0.9), np.array([0.9, 0.9, -2.0])]
+)
 def test_discount_factor_outside_unit_interval_raises(gamma):
     with pytest.raises(ValueError, match=r"\bgamma\b"):
         vf.discounts(gamma, np.zeros(3, bool))
