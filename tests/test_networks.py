@@ -109,12 +109,31 @@ def test_reference_config_has_3487489_parameters():
     assert valuefn.count_parameters(model) == 3_487_489
 
 
-def test_transformer_matches_numpy_gpt2_forward():
+@pytest.mark.parametrize("weight_scale", [1.0, 20.0])
+def test_transformer_matches_numpy_gpt2_forward(weight_scale):
+    # At the initial scale the GELU's inputs are about 0.1, where its tanh form and
+    # its exact form agree to 1e-7; trained-size weights tell them apart.
     model = tiny_transformer()
     randomise_head(model)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda w: w * weight_scale if w.ndim == 2 else w, params))
     toks = tokens()
     expected = numpy_transformer(numpy_params(model), toks, HEADS)
     np.testing.assert_allclose(np.asarray(run(model, toks)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_initial_weights_follow_gpt2():
+    params = numpy_params(tiny_transformer(seed=5))
+    for block in params["blocks"].values():
+        for layer, std in [
+            (block["attn"]["qkv"], 0.02),
+            (block["fc"], 0.02),
+            # Projections into the residual stream: scaled by 1 / sqrt(2 L).
+            (block["attn"]["out"], 0.02 / math.sqrt(2 * LAYERS)),
+            (block["proj"], 0.02 / math.sqrt(2 * LAYERS)),
+        ]:
+            np.testing.assert_allclose(layer["kernel"].std(), std, rtol=0.1)
+            np.testing.assert_array_equal(layer["bias"], 0.0)
 
 
 def test_attention_in_query_blocks_matches_numpy(monkeypatch):
@@ -490,6 +509,8 @@ def test_bad_arguments_raise_value_error_naming_them():
         tiny_transformer()(jnp.zeros((1, 4)))
     with pytest.raises(ValueError, match="x must have shape"):
         valuefn.MLPValue(3, (4,), rngs=nnx.Rngs(0))(jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="floating dtype"):
+        valuefn.MLPValue(3, (4,), rngs=nnx.Rngs(0))(jnp.ones((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="hidden_sizes"):
         valuefn.MLPValue(3, (4, 0), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hidden_sizes"):

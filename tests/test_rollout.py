@@ -125,6 +125,19 @@ WALK_VALUE_PARAMS = jnp.linspace(-2.0, 2.0, WALK.num_states)
 WALK_SHAPE = (3, 12)  # num_envs, num_steps: one shape, so RUN compiles once for the walk
 
 
+def with_reward_noise(env: valuefn.Environment) -> valuefn.Environment:
+    """Adds U(0, 1) noise drawn with the step's own key to each reward."""
+
+    def step(state, action, key):
+        state, obs, reward, terminated, truncated = env.step(state, action, key)
+        return state, obs, reward + jax.random.uniform(key), terminated, truncated
+
+    return valuefn.Environment(env.reset, step)
+
+
+NOISY_WALK_ENV = with_reward_noise(WALK_ENV)
+
+
 def _reference_rollout(
     env, policy, policy_params, value_fn, value_params, key_reset, key, *, num_envs, num_steps
 ):
@@ -164,9 +177,9 @@ def _reference_rollout(
 def test_rollout_matches_a_one_env_at_a_time_python_loop():
     num_envs, num_steps = WALK_SHAPE
     key_reset, key = jax.random.key(3), jax.random.key(4)
-    state = valuefn.reset_envs(WALK_ENV, key_reset, num_envs)
+    state = valuefn.reset_envs(NOISY_WALK_ENV, key_reset, num_envs)
     traj, final = RUN(
-        WALK_ENV,
+        NOISY_WALK_ENV,
         noisy_walk_policy,
         POLICY_PARAMS,
         walk_value,
@@ -176,7 +189,7 @@ def test_rollout_matches_a_one_env_at_a_time_python_loop():
         num_steps=num_steps,
     )
     expected, bootstrap, last_obs = _reference_rollout(
-        WALK_ENV,
+        NOISY_WALK_ENV,
         noisy_walk_policy,
         POLICY_PARAMS,
         walk_value,
@@ -210,6 +223,37 @@ def test_rollout_shapes_dtypes_and_determinism():
     assert jax.tree.map(jnp.shape, next_state) == jax.tree.map(jnp.shape, state)
     jax.tree.map(np.testing.assert_array_equal, traj, again)
     assert not np.array_equal(traj.actions, other.actions)
+
+
+@pytest.mark.parametrize(("terminate_at", "time_limit"), [(3, 10), (10, 3)])
+def test_rollout_gives_float32_rewards_and_bool_flags_for_any_dtypes_the_env_returns(
+    terminate_at, time_limit
+):
+    env = counter_env(terminate_at, time_limit)
+
+    def step(state, action, key):
+        state, obs, reward, terminated, truncated = env.step(state, action, key)
+        as_int, as_float = terminated.astype(jnp.int32), truncated.astype(jnp.float32)
+        return state, obs, reward.astype(jnp.int32), as_int, as_float
+
+    trajectories = [
+        RUN(
+            e,
+            constant_policy,
+            1,
+            linear_value,
+            VALUE_PARAMS,
+            valuefn.reset_envs(e, jax.random.key(0), 2),
+            jax.random.key(1),
+            num_steps=9,
+        )[0]
+        for e in (env, valuefn.Environment(env.reset, step))
+    ]
+    expected, cast = trajectories
+    assert cast.rewards.dtype == jnp.float32
+    assert cast.terminated.dtype == cast.truncated.dtype == jnp.bool_
+    jax.tree.map(np.testing.assert_array_equal, cast, expected)
+    assert np.any(expected.terminated if terminate_at < time_limit else expected.truncated)
 
 
 def test_rollout_handles_pytree_observations_and_actions():
