@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import valuefn
 from valuefn import cli, job
@@ -74,6 +75,66 @@ def make_iteration(config):
     optimizer = job.make_optimizer(config)
     graphdef, state = init_train_state(job.make_critic(config), optimizer)
     return jax.jit(job.make_iteration(config, graphdef, optimizer)), state
+
+
+def test_iteration_targets_and_metrics_match_numpy():
+    # gamma < 1, lambda apart from it, the k3 estimator and a critic with a random
+    # head, so that a mix-up of any two of them shows.
+    config = dataclasses.replace(TINY, gamma=0.9, lam=0.5, kl_coef=0.3, kl_estimator="k3")
+    optimizer = job.make_optimizer(config)
+    critic = job.make_critic(config)
+    rng = np.random.default_rng(0)
+    critic.head.kernel[...] = jnp.asarray(rng.normal(size=critic.head.kernel.shape), jnp.float32)
+    graphdef, state = init_train_state(critic, optimizer)
+    stages = job.make_stages(config, graphdef, optimizer)
+    key = jax.random.key(3)
+    rollout = jax.jit(stages.rollout)(jax.random.split(key)[0])
+    targets = jax.tree.map(np.asarray, jax.jit(stages.targets)(state, rollout))
+    _, metrics = jax.jit(job.make_iteration(config, graphdef, optimizer))(state, key)
+    d = jax.tree.map(np.asarray, rollout.dialogues)
+    mask, p = d.assistant_mask, config.task.prompt_length
+    horizon = mask.shape[-1]
+
+    log_ratio = d.logprobs.astype(np.float64) - d.ref_logprobs
+    kl = np.exp(-log_ratio) - 1 + log_ratio  # k3
+    rewards = np.where(mask, -config.kl_coef * kl, 0.0)
+    values, discounts = np.zeros(mask.shape), np.zeros(mask.shape)
+    realised = np.zeros(mask.shape)
+    for b in range(len(mask)):
+        steps = np.flatnonzero(mask[b])
+        rewards[b, steps[-1]] += d.scores[b]
+        values[b, steps] = targets.batch.old_values[b, p - 1 + steps]
+        discounts[b, steps[:-1]] = config.gamma  # the episode ends at the last token
+        for t in steps:
+            realised[b, t] = rewards[b, steps[steps >= t]].sum()
+    np.testing.assert_allclose(rollout.rewards, rewards, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(targets.values, values, rtol=1e-6)
+    returns = ref.lambda_returns(rewards, values, discounts, np.zeros(len(mask)), 0.5, mask=mask)
+    np.testing.assert_allclose(targets.returns, returns, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(targets.realised, realised, rtol=1e-5, atol=1e-5)
+    # The batch at the critic's positions: step t at P - 1 + t, nothing elsewhere.
+    placed = np.zeros((len(mask), p + horizon), bool)
+    placed[:, p - 1 : p - 1 + horizon] = mask
+    np.testing.assert_array_equal(targets.batch.mask, placed)
+    np.testing.assert_allclose(targets.batch.targets[:, p - 1 : -1], returns, atol=1e-5)
+
+    expected = {
+        "kl_mean": kl[mask].mean(),
+        "return_mean": returns[mask].mean(),
+        "score_mean": d.scores.mean(),
+        "explained_variance": ref.explained_variance(values, returns, mask),
+        "value_by_turn": [values[mask & (d.turn == k)].mean() for k in range(2)],
+        "return_by_turn": [realised[mask & (d.turn == k)].mean() for k in range(2)],
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_iteration_without_value_clipping():
+    # clip_epsilon = 0 turns the clip off: the batch then carries no old values.
+    iteration, state = make_iteration(dataclasses.replace(TINY, clip_epsilon=0.0))
+    state, metrics = iteration(state, jax.random.key(0))
+    assert np.isfinite(float(metrics["value_loss"])) and float(metrics["clip_fraction"]) == 0.0
 
 
 def test_iteration_improves_explained_variance():
@@ -150,6 +211,8 @@ def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
         ([], "has trained 3 iterations already; pass --iterations above 3"),
         (["--iterations", "3"], "pass --iterations above 3"),
         (["--iterations", "4", "--gamma", "0.5"], "gamma (1.0 in the run, 0.5 asked)"),
+        (["--iterations", "4", "--lam", "0.5"], "lam (0.95 in the run, 0.5 asked)"),
+        (["--iterations", "4", "--seed", "5"], "seed (0 in the run, 5 asked)"),
         (["--iterations", "4", "--config", str(tmp_path / "wide.toml")], "critic.d_model (16"),
     ]:
         (tmp_path / "wide.toml").write_text("[critic]\nd_model = 32")
@@ -200,6 +263,7 @@ def test_distributed_resume_starts_the_runtime_before_reading_the_checkpoints(tm
         ([], "learning_rat = 0.1", "learning_rat"),
         ([], "[task]\nnum_turns = 0", "num_turns"),
         ([], "num_minibatches = 5", "num_minibatches"),
+        ([], "checkpoint_every = 0", "checkpoint_every must be >= 1"),
         ([], "seed = 1.5", "seed must be an integer"),
         ([], "[critic]\nnum_heads = 3", "num_heads=3 must divide d_model=64"),
         ([], '[task]\nturn_weights = [1, 2, "x"]', "turn_weights must be a list of finite numbers"),

@@ -263,7 +263,7 @@ def make_stages(
             inputs=tokens,
             targets=to_sequence_layout(returns, prompt_length),
             mask=to_sequence_layout(mask, prompt_length).astype(jnp.float32),
-            old_values=to_sequence_layout(values, prompt_length),
+            old_values=to_sequence_layout(values, prompt_length) if config.clip_epsilon else None,
         )
         return Targets(values, returns, realised, batch)
 
