@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from valuefn import cli
-from valuefn.bench import figures, hardware, suite, targets
+from valuefn.bench import figures, hardware, problem, suite, targets
 from valuefn.bench.figures import Figure, Timing, measure_many, timed
 from valuefn.targets import _keeps_one_run
 
@@ -388,6 +388,57 @@ def test_floor_fraction_is_the_floor_time_over_the_measured_time():
     assert rates == {hardware.MEMORY: 10.0}  # the best repeat: 10 B in 1 s
     figure = Figure("kernel", 4.0, 4.0, 4.0, floor=hardware.MEMORY, floor_work=20.0)
     assert hardware.floor_fraction(figure, rates) == pytest.approx(0.5)  # 2 s of 4 s
+
+
+def test_a_figures_rate_min_fraction_and_record_use_the_right_statistic():
+    timing = Timing(median=2.0, min=1.0, max=4.0, repeats=5)
+    figure = timed("kernel", timing, work=10.0, work_unit="B")
+    assert (figure.median, figure.min, figure.max) == (2.0, 1.0, 4.0)
+    assert figure.rate == pytest.approx(5.0)  # work over the median
+    kernel = figure._replace(floor=hardware.MEMORY, floor_work=20.0)
+    rates = hardware.limits(
+        [
+            Figure(f"{hardware.MEMORY} (copy)", 2.0, 1.0, 3.0, work=20.0, work_unit="B"),
+            Figure(f"{hardware.MEMORY} (sum)", 2.0, 1.0, 3.0, work=10.0, work_unit="B"),
+        ]
+    )
+    assert rates == {hardware.MEMORY: 20.0}  # the better of copy and sum
+    record = suite._figure_record("targets", kernel, rates)
+    assert record["rate"] == pytest.approx(5.0)
+    assert record["floor"] == {
+        "limit": hardware.MEMORY,
+        "work": 20.0,
+        "limit_rate": 20.0,
+        "fraction": pytest.approx(0.5),  # 1 s at the limit, of the median 2 s
+    }
+    assert suite._of_limit(record) == "50%"
+
+
+def test_hardware_figures_count_the_bytes_and_flops_they_move():
+    works = {figure.name: figure.work for figure in hardware.run(quick=True)}
+    assert works == {
+        f"{hardware.MEMORY} (copy 4 MiB)": 2 * 4 * 2**20,  # read and written
+        f"{hardware.MEMORY} (sum 4 MiB)": 4 * 2**20,
+        f"{hardware.MATMUL['float32']} (256x256)": 2 * 256**3,
+        f"{hardware.MATMUL['bfloat16']} (256x256)": 2 * 256**3,
+    }
+
+
+def test_update_step_work_is_tokens_and_training_flops_per_update():
+    spec = problem.REFERENCE
+    flops = hardware.transformer_flops(
+        d_model=spec.d_model, num_layers=spec.num_layers, seq_len=256, tokens=32 * 256
+    )
+    assert problem.train_flops(spec, 32, 256) == flops
+    work = problem.step_work(spec, 32, 256, updates=4)
+    assert (work["work"], work["work_unit"]) == (4 * 32 * 256, "tokens")
+    assert work["floor_work"] == 4 * flops
+
+
+def test_gae_bytes_are_the_float32_arrays_read_and_written():
+    # rewards, values and the mask or discounts read; advantages and returns written.
+    assert targets.gae_bytes(2, 16) == 4 * (5 * 2 * 16 + 2)
+    assert targets.gae_bytes(2, 16, per_step_inputs=2, outputs=1) == 4 * (3 * 2 * 16 + 2)
 
 
 @pytest.mark.parametrize(
