@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,6 +199,16 @@ def test_train_command_writes_every_output_and_resumes_identically(tmp_path, cap
     assert [line["iteration"] for line in resumed_lines] == [1, 2, 3]
     assert [line["value_loss"] for line in resumed_lines] == [line["value_loss"] for line in lines]
 
+    # Stopped after iteration 3 was logged but before its checkpoint was written:
+    # the resumed run drops that line and trains iteration 3 again from checkpoint 2.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoint" / "3")
+    assert cli.main([*args, "--out", str(crashed), "--resume"]) == 0
+    crashed_lines = metrics_of(crashed)
+    assert [line["iteration"] for line in crashed_lines] == [1, 2, 3]
+    assert [line["value_loss"] for line in crashed_lines] == [line["value_loss"] for line in lines]
+
 
 def test_resume_keeps_the_runs_own_settings(tmp_path, capsys):
     config_file = tmp_path / "tiny.toml"
@@ -319,6 +330,27 @@ def test_undervalued_early_turns_are_reported():
     for returns in ([np.nan, 1.0, 1.0], [1.0, np.nan, 1.0]):
         metrics = {"value_by_turn": [0.0, 0.0, 0.0], "return_by_turn": returns}
         assert report.undervalued_turns(metrics) == [k for k in (0, 1) if returns[k] == 1.0]
+
+
+def test_summary_prints_each_turns_value_return_and_their_difference(tmp_path):
+    from rich.console import Console
+
+    from valuefn import report
+
+    metrics = {
+        "iteration": 3,
+        "value_loss": 0.5,
+        "explained_variance": 0.25,
+        "clip_fraction": 0.0,
+        "score_mean": 1.0,
+        "value_by_turn": [0.2, 0.9],
+        "return_by_turn": [1.0, 1.0],
+    }
+    console = Console(record=True, width=120)
+    report.print_summary(metrics, tmp_path, console)
+    text = console.export_text()
+    assert "0.200" in text and "-0.800" in text and "-0.100" in text
+    assert "turn 0 is valued at 0.200 but realises 1.000" in text
 
 
 def test_curves_plot_histories_with_non_finite_metrics(tmp_path):
