@@ -198,6 +198,32 @@ def test_a_time_budget_starts_no_section_or_benchmark_once_spent(monkeypatch):
     assert results["errors"] == {}
 
 
+@pytest.mark.parametrize("budget", [None, 25])
+def test_hardware_is_measured_again_at_the_end_within_the_budget_keeping_the_best(
+    monkeypatch, budget
+):
+    mins = iter([1.0, 0.5])
+
+    def run(quick):
+        best = next(mins)
+        return [Figure(f"{hardware.MEMORY} (copy)", 2.0, best, 3.0, work=10.0, work_unit="B")]
+
+    monkeypatch.setattr(hardware, "run", run)
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(suite.time, "monotonic", lambda: next(clock))
+    results = suite.run_suite(["hardware"], quick=True, echo=lambda *a, **k: None, budget=budget)
+    [figure] = results["figures"]
+    # Without a budget the second, faster run counts; with one spent, there is none.
+    assert figure["min"] == (0.5 if budget is None else 1.0)
+
+
+def test_method_map_counts_the_bytes_of_gae_without_a_mask():
+    [figure] = targets.method_map([(2, 16)], repeats=1, gae_methods=("scan", "associative"))
+    assert figure.name == "gae map: associative 2x16"
+    # rewards and values read, advantages and returns written, and the bootstrap value.
+    assert figure.floor_work == 4 * (4 * 2 * 16 + 2)
+
+
 @pytest.mark.parametrize("budget", ["0", "-5", "soon", "inf", "nan"])
 def test_budget_must_be_a_positive_number_of_seconds(budget, capsys):
     with pytest.raises(SystemExit):
