@@ -69,14 +69,15 @@ def save(
         raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep!r}")
     directory = _directory(directory)
     with _manager(directory, max_to_keep) as manager:
-        later = [s for s in manager.all_steps() if s > step]
+        steps = manager.all_steps()
+        later = [s for s in steps if s > step]
         if later:
             raise ValueError(
                 f"step {step} is below the checkpoints {sorted(later)} in {str(directory)!r}, "
                 f"which restore would take as the latest: save into another directory, "
                 f"or delete them first"
             )
-        if step in manager.all_steps():
+        if step in steps:
             manager.delete(step)
         manager.save(step, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()

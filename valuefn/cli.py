@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = _read_config(args)
         try:
-            job.check_out(out, resume=False)
+            job.check_out(out)
         except ValueError as err:
             raise UsageError(f"--out: {err}") from err
     mesh = None

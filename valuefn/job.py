@@ -332,11 +332,11 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (np.asarray(v).tolist()) for k, v in host.items()}
 
 
-def check_out(out: Path, *, resume: bool) -> None:
-    """Raises ValueError where a new run (not ``resume``) would join another run's checkpoints."""
+def check_out(out: Path) -> None:
+    """Raises ValueError where ``out`` holds a run's checkpoints, which a new run must not join."""
     from valuefn import checkpoint
 
-    if not resume and checkpoint.latest_step(Path(out) / "checkpoint") is not None:
+    if checkpoint.latest_step(Path(out) / "checkpoint") is not None:
         raise ValueError(
             f"{str(out)!r} holds the checkpoints of a run; resume it, or write to another folder"
         )
@@ -370,7 +370,8 @@ def run(
     from valuefn import checkpoint, report
 
     out = Path(out)
-    check_out(out, resume=resume)
+    if not resume:
+        check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config)
     graphdef, state = init_train_state(make_critic(config), optimizer)
