@@ -168,17 +168,15 @@ def discounted_returns(rewards, discounts, bootstrap_value, **kwargs):
 # Losses and statistics.
 
 
-def _valid(mask, shape) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape, bool)
-    return np.broadcast_to(np.asarray(mask) != 0, shape)
-
-
 def _weights(mask, shape) -> np.ndarray:
     """A bool or 0/1 mask, or non-negative weights, as float weights."""
     if mask is None:
         return np.ones(shape, np.float64)
     return np.broadcast_to(np.asarray(mask, np.float64), shape)
+
+
+def _valid(mask, shape) -> np.ndarray:
+    return _weights(mask, shape) != 0
 
 
 def pointwise_loss(residual: float, kind: str, huber_delta: float) -> float:
