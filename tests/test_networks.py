@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -65,11 +66,29 @@ def numpy_linear(x, p):
     return x @ p["kernel"] + p["bias"]
 
 
-def numpy_transformer(params, toks, num_heads):
-    """GPT-2 forward pass written from the paper's description, one head at a time."""
+def numpy_transformer(params, toks, num_heads, mask=None):
+    """GPT-2 forward pass written from the paper's description, one head at a time.
+
+    With ``mask`` (``[B, T]``, True on real tokens) the real tokens take positions
+    0, 1, ... in order and a query attends to the real keys up to it and to itself.
+    """
     toks = np.asarray(toks)
     length = toks.shape[1]
-    x = params["token_embed"]["embedding"][toks] + params["position_embed"]["embedding"][:length]
+    if mask is None:
+        positions = np.arange(length)
+        visible = np.tril(np.ones((length, length), bool))
+    else:
+        mask = np.asarray(mask, bool)
+        positions = np.zeros(toks.shape, np.int64)
+        visible = np.zeros((toks.shape[0], length, length), bool)
+        for b in range(toks.shape[0]):
+            seen = 0
+            for t in range(length):
+                seen += mask[b, t]
+                positions[b, t] = max(seen - 1, 0)
+                for key in range(t + 1):
+                    visible[b, t, key] = mask[b, key] or key == t
+    x = params["token_embed"]["embedding"][toks] + params["position_embed"]["embedding"][positions]
     d_model = x.shape[-1]
     head_dim = d_model // num_heads
     for i in sorted(params["blocks"]):
@@ -81,7 +100,7 @@ def numpy_transformer(params, toks, num_heads):
         for head in range(num_heads):
             cols = slice(head * head_dim, (head + 1) * head_dim)
             scores = q[..., cols] @ np.swapaxes(k[..., cols], -1, -2) / math.sqrt(head_dim)
-            scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+            scores = np.where(visible, scores, -np.inf)
             weights = np.exp(scores - scores.max(-1, keepdims=True))
             weights /= weights.sum(-1, keepdims=True)
             heads.append(weights @ v[..., cols])
@@ -176,16 +195,19 @@ def test_fused_attention_path_matches_numpy_and_the_block_gradients(monkeypatch,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + np.max(np.abs(b))))
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("offset", [0, 3])
-def test_written_out_attention_gradient_equals_autodiff(offset):
-    """The narrow-body attention block's custom VJP, run in float32, against jax.grad."""
+def test_written_out_attention_gradient_equals_autodiff(offset, masked):
+    """The narrow-body attention block's custom VJP, run in float32, against jax.grad,
+    with every key visible and with some keys masked out."""
     rng = np.random.default_rng(offset)
     q = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 3, offset + 4, 5)), jnp.float32) for _ in range(2))
+    keys = jnp.asarray(rng.random((2, offset + 4)) < 0.5) if masked else None
     probe = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
     def loss(block, q, k, v):
-        return jnp.sum(jnp.sin(block(q, k, v, offset)) * probe)
+        return jnp.sum(jnp.sin(block(q, k, v, offset, keys)) * probe)
 
     written = jax.jit(jax.grad(lambda *a: loss(networks._narrow_causal_block, *a), (0, 1, 2)))
     autodiff = jax.grad(lambda *a: loss(networks._causal_block, *a), (0, 1, 2))
@@ -226,6 +248,127 @@ def test_fused_attention_path_in_bf16_matches_the_block_form(monkeypatch):
     fused = np.asarray(valuefn.predict(graphdef, params, toks))
     assert np.all(np.isfinite(fused))
     np.testing.assert_allclose(fused, blocks, rtol=0.05, atol=0.05 * np.max(np.abs(blocks)))
+
+
+def padded(real, pads, seed=2):
+    """``real [B, R]`` ids placed at ``pads[b]`` in rows of MAX_LEN, the rest random
+    ids; and the mask of the real tokens. ``pads[b]`` is an int (left padding,
+    the rest right) or a list of positions to fill in order (gaps anywhere)."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, VOCAB, (len(real), MAX_LEN))
+    mask = np.zeros(toks.shape, bool)
+    for b, where in enumerate(pads):
+        where = range(where, where + real.shape[1]) if isinstance(where, int) else where
+        toks[b, list(where)] = real[b]
+        mask[b, list(where)] = True
+    return jnp.asarray(toks, jnp.int32), mask
+
+
+REAL = np.random.default_rng(5).integers(0, VOCAB, (4, 7))
+PADS = [0, 2, 5, [0, 2, 3, 6, 7, 9, 11]]  # none, left and right, left only, gaps
+
+
+def selected(values, pads):
+    """The values at the real tokens of ``padded``, as ``[B, R]``."""
+    values = np.asarray(values)
+    return np.stack(
+        [
+            values[b, list(range(w, w + REAL.shape[1]) if isinstance(w, int) else w)]
+            for b, w in enumerate(pads)
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "path", ["blocks", "blocks of 5", "fused", "scan_layers, remat", "bf16", "bf16 fused"]
+)
+def test_masked_padding_gives_the_values_of_the_unpadded_sequence(monkeypatch, path):
+    """Against the NumPy GPT-2 with the mask, and against the rows without their
+    padding: left, right and gaps between real tokens, with random ids as padding."""
+    monkeypatch.setattr(networks, "_QUERY_BLOCK", 5 if path == "blocks of 5" else 128)
+    monkeypatch.setattr(networks, "_fused_attention", lambda: "fused" in path)
+    jax.clear_caches()
+    kwargs = dict(scan_layers=True, remat=True) if "scan" in path else {}
+    model = tiny_transformer(dtype=jnp.bfloat16 if "bf16" in path else jnp.float32, **kwargs)
+    randomise_head(model)
+    toks, mask = padded(REAL, PADS)
+    got = np.asarray(nnx.jit(lambda m, t, k: m(t, k))(model, toks, jnp.asarray(mask)))
+    assert np.all(np.isfinite(got))
+    tol = dict(rtol=0.05, atol=0.05) if "bf16" in path else dict(rtol=1e-4, atol=1e-4)
+    params = numpy_params(model)
+    if "scan" in path:
+        params = layer_by_layer(params)
+    np.testing.assert_allclose(got, numpy_transformer(params, toks, HEADS, mask), **tol)
+    unpadded = np.asarray(run(model, jnp.asarray(REAL, jnp.int32)))
+    np.testing.assert_allclose(selected(got, PADS), unpadded, **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_masked_padding_gives_the_gradient_of_the_unpadded_sequence(dtype):
+    """A loss on the real tokens: padding reaches no parameter (the bf16 body's
+    written-out attention gradient included)."""
+    model = tiny_transformer(dtype=dtype)
+    randomise_head(model)
+    graphdef, params = nnx.split(model)
+    toks, mask = padded(REAL, PADS)
+    probe = jnp.asarray(np.random.default_rng(4).normal(size=REAL.shape), jnp.float32)
+
+    def padded_loss(params):
+        values = nnx.merge(graphdef, params)(toks, jnp.asarray(mask))
+        rows = [values[b][jnp.asarray(np.flatnonzero(mask[b]))] for b in range(len(PADS))]
+        return jnp.sum(jnp.sin(jnp.stack(rows)) * probe)
+
+    def unpadded_loss(params):
+        values = nnx.merge(graphdef, params)(jnp.asarray(REAL, jnp.int32))
+        return jnp.sum(jnp.sin(values) * probe)
+
+    got, want = (jax.jit(jax.grad(f))(params) for f in (padded_loss, unpadded_loss))
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(
+            a, b, rtol=0, atol=(1e-5 if dtype == jnp.float32 else 0.02) * scale
+        )
+
+
+def test_pad_id_masks_its_tokens_through_the_update_step():
+    """``pad_id`` is ``mask = tokens != pad_id`` on every call, so predict and the
+    update step, which pass the tokens only, see the unpadded sequences."""
+    pad = 3
+    real = np.where(REAL == pad, pad + 1, REAL)
+    toks, mask = padded(real, PADS)
+    toks = jnp.where(jnp.asarray(mask), toks, pad)
+    model = tiny_transformer(pad_id=pad)
+    randomise_head(model)
+    graphdef, params = nnx.split(model)
+    got = np.asarray(valuefn.predict(graphdef, params, toks))
+    np.testing.assert_allclose(got, np.asarray(run(model, toks)), rtol=0, atol=0)
+    expected = numpy_transformer(numpy_params(model), toks, HEADS, mask)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    unpadded = np.asarray(run(model, jnp.asarray(real, jnp.int32)))
+    np.testing.assert_allclose(selected(got, PADS), unpadded, rtol=1e-4, atol=1e-4)
+    # One SGD step on the padded batch is the step on the rows without padding.
+    targets = np.random.default_rng(6).normal(size=REAL.shape).astype(np.float32)
+    padded_targets = np.zeros(toks.shape, np.float32)
+    padded_targets[mask] = targets.ravel()
+    steps = []
+    for inputs, y, weights in [
+        (toks, padded_targets, mask),
+        (jnp.asarray(real, jnp.int32), targets, np.ones(REAL.shape, bool)),
+    ]:
+        graphdef, state = valuefn.init_train_state(model, optax.sgd(0.1))
+        update_step = valuefn.make_update_step(graphdef, optax.sgd(0.1))
+        batch = valuefn.Batch(inputs, jnp.asarray(y), jnp.asarray(weights, jnp.float32))
+        steps.append(update_step(state, batch))
+    (padded_state, padded_metrics), (state, metrics) = steps
+    for name in ("value_loss", "grad_norm"):
+        assert float(padded_metrics[name]) == pytest.approx(float(metrics[name]), rel=1e-5)
+    for a, b in zip(*map(jax.tree.leaves, (padded_state.params, state.params)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # An explicit mask takes the place of pad_id's.
+    everything = np.asarray(nnx.jit(lambda m, t: m(t, jnp.ones(t.shape, bool)))(model, toks))
+    np.testing.assert_allclose(
+        everything, numpy_transformer(numpy_params(model), toks, HEADS), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("features_in, features_out", [(3, 7), (7, 3)])
@@ -523,6 +666,13 @@ def test_bad_arguments_raise_value_error_naming_them():
         tokens = jnp.ones((2, 4), jnp.int32).at[1, 3].set(bad_id)
         with pytest.raises(ValueError, match=rf"tokens must lie in \[0, vocab_size={VOCAB}\)"):
             tiny_transformer()(tokens)
+    for bad_pad in (-1, VOCAB, 1.0, True):
+        with pytest.raises(ValueError, match="pad_id"):
+            tiny_transformer(pad_id=bad_pad)
+    with pytest.raises(ValueError, match=r"mask must have the shape of tokens \(2, 4\)"):
+        tiny_transformer()(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 5), bool))
+    with pytest.raises(ValueError, match="mask must be bool or integer"):
+        tiny_transformer()(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4)))
     head = valuefn.ValueHead(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), 6, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hidden_size"):
         head(jnp.ones((2, 3)))

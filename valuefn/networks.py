@@ -296,6 +296,10 @@ class CausalSelfAttention(nnx.Module):
     On a GPU it calls :func:`jax.nn.dot_product_attention` instead: cuDNN's
     fused (flash) attention for bf16 and float16 bodies where cuDNN accepts the
     inputs, XLA's one-matrix form otherwise.
+
+    With ``keys`` (bool ``[B, T]``), a query sees the earlier keys marked True
+    and itself: padding is never attended to, and a padding position, which
+    sees only itself, stays finite.
     """
 
     def __init__(
@@ -305,12 +309,12 @@ class CausalSelfAttention(nnx.Module):
         self.qkv = _gpt2_linear(d_model, 3 * d_model, dtype=dtype, rngs=rngs)
         self.out = _gpt2_linear(d_model, d_model, num_layers=num_layers, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, keys: Array | None = None) -> Array:
         batch, length, d_model = x.shape
         head_dim = d_model // self.num_heads
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
         if _fused_attention():
-            attended = _dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+            attended = _dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], keys)
             return self.out(attended.reshape(batch, length, d_model))
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, D/H]
         q, k, v = (x[0] for x in jnp.split(qkv, 3))
@@ -327,8 +331,9 @@ class CausalSelfAttention(nnx.Module):
                 jnp.concatenate(k_blocks[: i + 1], axis=2),
                 jnp.concatenate(v_blocks[: i + 1], axis=2),
                 start,
+                None if keys is None else keys[:, :stop],
             )
-            for i, (start, _) in enumerate(query_blocks)
+            for i, (start, stop) in enumerate(query_blocks)
         ]
         attended = jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3)  # [B, T, H, D/H]
         return self.out(attended.reshape(batch, length, d_model))
@@ -339,32 +344,45 @@ def _fused_attention() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _dot_product_attention(q: Array, k: Array, v: Array) -> Array:
+def _dot_product_attention(q: Array, k: Array, v: Array, keys: Array | None) -> Array:
     """Causal ``[B, T, H, D]`` attention by cuDNN where it takes the inputs, else by XLA.
 
     cuDNN's fused attention takes half-precision inputs only, and
     ``jax.nn.dot_product_attention`` raises while tracing when cuDNN is missing
-    or rejects the shapes; either way XLA's form computes the same function.
+    or rejects the shapes or the mask; either way XLA's form computes the same
+    function.
     """
+    mask = None if keys is None else _visible_keys(keys, 0, q.shape[1])[:, None]
     if q.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, implementation="cudnn"
+            )
         except (RuntimeError, ValueError, NotImplementedError):
             pass
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+
+def _visible_keys(keys: Array, offset: int, queries: int) -> Array:
+    """``[B, Q, K]``: the keys marked in ``keys`` (``[B, K]``), and each query's own
+    position (``offset + q``), which a padding query must see to stay finite."""
+    own = jnp.arange(keys.shape[1])[None, :] == offset + jnp.arange(queries)[:, None]
+    return keys[:, None, :] | own
 
 
 def _query_blocks(length: int) -> list[tuple[int, int]]:
     return [(start, min(start + _QUERY_BLOCK, length)) for start in range(0, length, _QUERY_BLOCK)]
 
 
-def _causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
+def _causal_block(q: Array, k: Array, v: Array, offset: int, keys: Array | None = None) -> Array:
     """Queries ``offset .. offset + Q - 1`` attending causally to keys ``0 .. K - 1``.
 
     Args:
       q: ``[B, H, Q, D]``, already scaled by ``1 / sqrt(D)``.
       k, v: ``[B, H, K, D]`` with ``K = offset + Q``.
       offset: position of the first query.
+      keys: optional bool ``[B, K]``: the keys that may be seen (besides a
+        query's own position); None for all.
 
     Returns:
       ``sum_k softmax_k(q k^T) v`` as ``[B, H, Q, D]`` in ``v``'s dtype.
@@ -378,18 +396,20 @@ def _causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
     GEMM takes transposed float32 operands without a copy.)
     """
     if jnp.finfo(v.dtype).bits >= 32 or _PLAIN_AUTODIFF.get():
-        return _causal_block_fwd(q, k, v, offset)[0]
-    return _narrow_causal_block(q, k, v, offset)
+        return _causal_block_fwd(q, k, v, offset, keys)[0]
+    return _narrow_causal_block(q, k, v, offset, keys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _narrow_causal_block(q: Array, k: Array, v: Array, offset: int) -> Array:
-    return _causal_block_fwd(q, k, v, offset)[0]
+def _narrow_causal_block(q: Array, k: Array, v: Array, offset: int, keys: Array | None) -> Array:
+    return _causal_block_fwd(q, k, v, offset, keys)[0]
 
 
-def _causal_block_fwd(q: Array, k: Array, v: Array, offset: int):
+def _causal_block_fwd(q: Array, k: Array, v: Array, offset: int, keys: Array | None):
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     visible = jnp.arange(k.shape[2])[None, :] <= offset + jnp.arange(q.shape[2])[:, None]
+    if keys is not None:
+        visible = visible & _visible_keys(keys, offset, q.shape[2])[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
     # The row maximum subtracted before exp cancels in the softmax: no gradient.
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
@@ -414,7 +434,7 @@ def _causal_block_bwd(offset: int, residuals, grad: Array):
     grad_scores = ((grad_probs + grad_total) * weights).astype(v.dtype)
     grad_q = _dot(grad_scores, k)
     grad_k = _dot(_transposed(grad_scores), q)
-    return grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v
+    return grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v, None
 
 
 _narrow_causal_block.defvjp(_causal_block_fwd, _causal_block_bwd)
@@ -439,13 +459,13 @@ class Block(nnx.Module):
             4 * d_model, d_model, num_layers=num_layers, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x: Array) -> Array:
-        x = x + self.attn(self.ln_attn(x))
+    def __call__(self, x: Array, keys: Array | None = None) -> Array:
+        x = x + self.attn(self.ln_attn(x), keys)
         return x + self.proj(jax.nn.gelu(self.fc(self.ln_mlp(x)), approximate=True))
 
 
-def _run_block(block: Block, x: Array) -> Array:
-    return block(x)
+def _run_block(block: Block, x: Array, keys: Array | None) -> Array:
+    return block(x, keys)
 
 
 def _stacked_blocks(num_layers: int, rngs: nnx.Rngs, **block_args) -> Block:
@@ -490,6 +510,12 @@ class TransformerValue(nnx.Module):
         depth. The same function; the parameters are laid out (and drawn at
         initialisation) differently, so checkpoints of the two layouts do not
         mix.
+      pad_id: the token id that marks padding, or None (the default) for none.
+        With it, every call masks the positions holding it as ``mask`` does
+        (see ``__call__``), so a critic trained through
+        :func:`valuefn.make_update_step`, which passes the tokens only, ignores
+        padding. Use it only where the id never stands for a real token (a
+        tokenizer whose padding is its end-of-sequence token needs ``mask``).
       rngs: random streams for the initialisation.
 
     References:
@@ -507,6 +533,7 @@ class TransformerValue(nnx.Module):
         dtype: Any = jnp.float32,
         remat: bool = False,
         scan_layers: bool = False,
+        pad_id: int | None = None,
         rngs: nnx.Rngs,
     ):
         for name, size in [
@@ -519,7 +546,14 @@ class TransformerValue(nnx.Module):
             check_count(name, size, numpy=False)
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if pad_id is not None and not (
+            isinstance(pad_id, int) and not isinstance(pad_id, bool) and 0 <= pad_id < vocab_size
+        ):
+            raise ValueError(
+                f"pad_id must be None or an int in [0, vocab_size={vocab_size}), got {pad_id!r}"
+            )
         self.vocab_size = vocab_size
+        self.pad_id = pad_id
         self.max_len = max_len
         self.dtype = dtype
         self.remat = remat
@@ -541,16 +575,24 @@ class TransformerValue(nnx.Module):
         self.ln_final = nnx.LayerNorm(d_model, epsilon=_LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
         self.head = _zero_head(d_model, rngs)
 
-    def __call__(self, tokens: Array) -> Array:
+    def __call__(self, tokens: Array, mask: Array | None = None) -> Array:
         """``tokens [B, T]`` integer ids, ``T <= max_len`` -> values ``[B, T]`` float32.
 
         Ids must lie in ``[0, vocab_size)``; known ones outside raise a
         ``ValueError``. Under ``jit`` they cannot be checked, and they act as
         ``jnp.take`` makes them: an id past the end embeds as NaN, which the
         attention carries to every value of its row (and the update step then
-        skips the batch), and a negative id counts from the end. Padding is
-        input like any other token: pad with an id in range, and left padding
-        moves the positions the other tokens are seen at.
+        skips the batch), and a negative id counts from the end.
+
+        Without ``mask`` (and without ``pad_id``) padding is input like any
+        other token, and left padding moves the positions the other tokens are
+        seen at. ``mask`` (bool or 0/1 ``[B, T]``, like a Hugging Face
+        ``attention_mask``) marks the real tokens: they are numbered from 0 in
+        order for their position embeddings, and no position attends to a
+        masked one. The values at real tokens are then those of the sequence
+        without its padding, wherever the padding lies (left, right or
+        between turns), and the values at padding are finite and meaningless.
+        It takes the place of ``tokens != pad_id``.
         """
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.max_len:
@@ -570,13 +612,28 @@ class TransformerValue(nnx.Module):
                 f"tokens must lie in [0, vocab_size={self.vocab_size}), got ids from "
                 f"{int(known.min())} to {int(known.max())}"
             )
-        x = self.token_embed(tokens) + self.position_embed(jnp.arange(tokens.shape[1]))
+        if mask is None and self.pad_id is not None:
+            mask = tokens != self.pad_id
+        if mask is None:
+            positions = jnp.arange(tokens.shape[1])
+        else:
+            mask = jnp.asarray(mask)
+            if mask.shape != tokens.shape:
+                raise ValueError(
+                    f"mask must have the shape of tokens {tokens.shape}, got {mask.shape}"
+                )
+            if not (mask.dtype == bool or jnp.issubdtype(mask.dtype, jnp.integer)):
+                raise ValueError(f"mask must be bool or integer, got {mask.dtype}")
+            mask = mask.astype(bool)
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        x = self.token_embed(tokens) + self.position_embed(positions)
         run_block = nnx.remat(_run_block) if self.remat else _run_block
         if self.scan_layers:
-            x = nnx.scan(run_block, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, x)
+            scanned = nnx.scan(run_block, in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+            x = scanned(self.blocks, x, mask)
         else:
             for block in self.blocks:
-                x = run_block(block, x)
+                x = run_block(block, x, mask)
         return _apply_head(self.head, self.ln_final(x))
 
 
