@@ -8,12 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from flax import nnx
 
 import valuefn
 from valuefn import cli, job
@@ -371,3 +373,29 @@ def test_critic_table_scans_the_layers_when_asked():
     kernel = critic.blocks.fc.kernel  # one Block whose arrays carry the layer axis
     assert critic.scan_layers and kernel.shape[0] == 3
     assert not job.make_critic(job.config_from_dict({})).scan_layers
+
+
+def test_critic_table_masks_the_padding_when_asked():
+    critic = job.make_critic(job.config_from_dict(tomllib.loads("[critic]\nmask_padding = true")))
+    assert critic.pad_id == valuefn.envs.dialogue.PAD
+    assert job.make_critic(job.config_from_dict({})).pad_id is None
+    with pytest.raises(ValueError, match="mask_padding"):
+        job.config_from_dict({"critic": {"mask_padding": "yes"}})
+    # The iteration's values are the masked critic's, not the unmasked one's.
+    config = dataclasses.replace(TINY, critic=job.CriticConfig(16, 1, 2, mask_padding=True))
+    optimizer = job.make_optimizer(config)
+    critic = job.make_critic(config)
+    critic.head.kernel[...] = jnp.asarray(
+        np.random.default_rng(0).normal(size=critic.head.kernel.shape), jnp.float32
+    )
+    graphdef, state = init_train_state(critic, optimizer)
+    stages = job.make_stages(config, graphdef, optimizer)
+    rollout = jax.jit(stages.rollout)(jax.random.key(3))
+    tokens = rollout.dialogues.tokens
+    values = valuefn.predict(graphdef, state.params, tokens)
+    unmasked = nnx.merge(graphdef, state.params)(tokens, jnp.ones(tokens.shape, bool))
+    assert not np.allclose(values, unmasked, atol=1e-3)
+    targets = jax.jit(stages.targets)(state, rollout)
+    p, mask = config.task.prompt_length, np.asarray(rollout.dialogues.assistant_mask)
+    old = np.asarray(targets.batch.old_values)[:, p - 1 : -1]
+    np.testing.assert_allclose(old[mask], np.asarray(values)[:, p - 1 : -1][mask], rtol=1e-6)
