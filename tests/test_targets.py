@@ -472,14 +472,26 @@ def pallas_calls(fn, *args):
     return jaxpr.count("pallas_call["), "name=_gae_pallas" in jaxpr
 
 
-# Chunks of 4 steps: one chunk (4 steps), several (12), their maps' walk over
-# 7 chunks (28) and over 37 (148: two groups of 16 in a loop and 5 before);
-# two batch axes, an odd batch in blocks of 1 row, no batch; the discounts per
-# step, per row or scalar; with and without a mask and truncations.
-@pytest.mark.parametrize("shape", [(2, 4), (4, 12), (2, 2, 28), (2, 148), (3, 8), (8,)], ids=str)
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("truncations", [False, True])
-@pytest.mark.parametrize("discounts", ["per step", "per row", "scalar"])
+DISCOUNTS = ("per step", "per row", "scalar")
+# Every mix of discounts (per step, per row or scalar), mask and truncations at
+# 4 x 12 (several chunks of 4 steps); at each other shape every kind of
+# discounts once, each with another mix of mask and truncations. The other
+# shapes: one chunk (4 steps), the chunks' maps walked over 7 chunks (28) and
+# over 37 (148: two groups of 16 in a loop and 5 before); two batch axes, an
+# odd batch in blocks of 1 row, no batch.
+FUSED_CASES = [
+    ((4, 12), masked, truncations, discounts)
+    for masked in (False, True)
+    for truncations in (False, True)
+    for discounts in DISCOUNTS
+] + [
+    (shape, (i + k) % 2 == 0, (i + k) % 4 < 2, discounts)
+    for i, shape in enumerate([(2, 4), (2, 2, 28), (2, 148), (3, 8), (8,)])
+    for k, discounts in enumerate(DISCOUNTS)
+]
+
+
+@pytest.mark.parametrize("shape, masked, truncations, discounts", FUSED_CASES, ids=str)
 def test_fused_pallas_gae_matches_reference(
     small_fused_pallas, shape, masked, truncations, discounts
 ):
