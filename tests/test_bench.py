@@ -578,6 +578,62 @@ def test_table_shows_the_rounds_won_next_to_the_ratio():
     assert "3x" in table and "3x (" not in table
 
 
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 vaes
+
+processor\t: 1
+cpu family\t: 99
+model name\t: another
+flags\t\t: amx_tile amx_bf16
+"""
+GRAVITON = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes sve sve2 bf16 i8mm
+CPU implementer\t: 0x41
+
+processor\t: 1
+model name\t: another processor's
+"""
+
+
+def test_machine_records_the_first_processors_model_and_vector_features():
+    assert suite.cpu_description(ZEN4) == {
+        "processor": "AMD EPYC",
+        "cpu_model": "family 25 model 17",
+        "cpu_features": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
+    }
+    assert suite.cpu_description(GRAVITON) == {
+        "processor": None,
+        "cpu_model": None,
+        "cpu_features": ["asimd", "sve", "sve2", "bf16", "i8mm"],
+    }
+    assert suite.cpu_description("") == {"processor": None, "cpu_model": None, "cpu_features": []}
+    machine = {
+        "backend": "cpu",
+        "device_count": 1,
+        "device_kind": "cpu",
+        "processor": "AMD EPYC",
+        "cpu_count": 2,
+    }
+    results = {
+        "figures": [],
+        "machine": {**machine, **suite.cpu_description(ZEN4), "processor": "AMD EPYC"},
+        "versions": {"jax": "0", "torch": None, "rlax": None},
+        "date": "2026-11-26",
+        "quick": False,
+        "skipped": {},
+        "errors": {},
+    }
+    line = "AMD EPYC family 25 model 17 (avx2 fma avx512f avx512_vnni avx512_bf16), 2 CPUs"
+    assert line in suite.format_results(results)
+    # Files written before the features were recorded still print.
+    assert "AMD EPYC, 2 CPUs" in suite.format_results({**results, "machine": machine})
+
+
 def _saved_run(monkeypatch, path, *, gae: tuple, memory_mib: float, other: str) -> str:
     """A results file as ``valuefn bench`` writes it: a figure ``gae`` with its
     ``(median, baseline median, rounds won of 7)``, a footprint and a figure ``other``."""

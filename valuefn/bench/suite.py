@@ -133,17 +133,57 @@ def _benchmark_list(text: str) -> list[str]:
     return ["hardware", *(name for name in BENCHMARKS if name in names and name != "hardware")]
 
 
+# The vector instruction sets that set XLA's and PyTorch's CPU matmul and bf16
+# speed, as /proc/cpuinfo names them (x86 "flags", Arm "Features"): a VM may
+# report only "AMD EPYC" as its model name, for a Zen 3 without AVX-512 and a
+# Zen 4 with AVX-512 BF16 alike.
+CPU_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
+)
+
+
+def cpu_description(cpuinfo: str) -> dict:
+    """The first processor of ``/proc/cpuinfo``'s text: its ``processor`` (model
+    name, or None), ``cpu_model`` (``"family F model M"``, or None) and
+    ``cpu_features``, those of :data:`CPU_FEATURES` it has, in that order."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block has ended
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    family, model = fields.get("cpu family"), fields.get("model")
+    return {
+        "processor": fields.get("model name"),
+        "cpu_model": f"family {family} model {model}" if family and model else None,
+        "cpu_features": [name for name in CPU_FEATURES if name in flags],
+    }
+
+
 def _machine() -> dict:
     import jax
 
     devices = jax.devices()
-    processor = platform.processor()
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
-        processor = names[0] if names else processor
+        cpu = cpu_description(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu = cpu_description("")
+    processor = cpu.pop("processor") or platform.processor()
     memory = None
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -153,6 +193,7 @@ def _machine() -> dict:
         "device_count": len(devices),
         "platform": platform.platform(),
         "processor": processor,
+        **cpu,
         "cpu_count": os.cpu_count(),
         "memory_bytes": memory,
         "python": platform.python_version(),
@@ -491,7 +532,10 @@ def _run_line(results: dict) -> str:
     tunables = machine.get("glibc_tunables")
     return (
         f"{machine['backend']}: {machine['device_count']} x {machine['device_kind']}, "
-        f"{machine['processor']}, {machine['cpu_count']} CPUs"
+        f"{machine['processor']}"
+        + (f" {machine['cpu_model']}" if machine.get("cpu_model") else "")
+        + (f" ({' '.join(machine['cpu_features'])})" if machine.get("cpu_features") else "")
+        + f", {machine['cpu_count']} CPUs"
         + (f" (GLIBC_TUNABLES={tunables})" if tunables else "")
         + f"; jax {versions['jax']}, "
         f"torch {versions['torch']}, rlax {versions['rlax']}; {results['date']}"
