@@ -482,7 +482,8 @@ def _stacked_blocks(num_layers: int, rngs: nnx.Rngs, **block_args) -> Block:
 class TransformerValue(nnx.Module):
     """GPT-2-style causal transformer critic: tokens ``[B, T]`` -> values ``[B, T]``.
 
-    ``h_0 = E[tokens] + P[0:T]``; ``num_layers`` pre-LayerNorm blocks of causal
+    ``h_0 = E[tokens] + P[0:T]`` (with a padding mask, ``P`` at the real tokens'
+    own positions); ``num_layers`` pre-LayerNorm blocks of causal
     multi-head self-attention and a GELU MLP of width ``4 * d_model``; a final
     LayerNorm; then the float32 zero-initialised head ``Linear(d_model, 1)``.
     ``values[b, t]`` depends on ``tokens[b, :t + 1]`` only. Every Linear has a
