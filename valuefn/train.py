@@ -210,7 +210,17 @@ def _check_loss_options(loss_options: dict[str, Any]) -> None:
 
 
 def _where_tree(condition: Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+    """``new`` if the scalar ``condition`` holds, else ``old`` (same tree of arrays).
+
+    One ``lax.cond``, not a ``jnp.where`` per leaf: XLA fuses a scalar condition
+    into each leaf's select, and the update step's condition reduces the
+    finiteness of every gradient and update leaf, so compile time grew with the
+    square of the number of leaves. On a CPU, with one row of 256 tokens, the
+    reference critic's step compiled in 6.0 s instead of 11.7 s and the 124M
+    critic's unrolled one in 18 s instead of 72 s, with the same peak memory
+    and run time. Under ``vmap`` the cond becomes those selects.
+    """
+    return jax.lax.cond(condition, lambda new, old: new, lambda new, old: old, new, old)
 
 
 def _all_finite(tree: Any) -> Array:
