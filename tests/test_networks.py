@@ -662,7 +662,7 @@ def test_bad_arguments_raise_value_error_naming_them():
     for bad_pad in (-1, VOCAB, 1.0, True):
         with pytest.raises(ValueError, match="pad_id"):
             tiny_transformer(pad_id=bad_pad)
-    with pytest.raises(ValueError, match=r"mask must have the shape of tokens \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 5\), expected \(2, 4\)"):
         tiny_transformer()(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 5), bool))
     with pytest.raises(ValueError, match="mask must be bool or integer"):
         tiny_transformer()(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4)))

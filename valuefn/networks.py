@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valuefn._checks import check_count, concrete_or_none
+from valuefn._checks import check_count, check_shape, concrete_or_none
 
 Array = jax.Array
 
@@ -618,11 +618,7 @@ class TransformerValue(nnx.Module):
         if mask is None:
             positions = jnp.arange(tokens.shape[1])
         else:
-            mask = jnp.asarray(mask)
-            if mask.shape != tokens.shape:
-                raise ValueError(
-                    f"mask must have the shape of tokens {tokens.shape}, got {mask.shape}"
-                )
+            mask = check_shape("mask", jnp.asarray(mask), tokens.shape)
             if not (mask.dtype == bool or jnp.issubdtype(mask.dtype, jnp.integer)):
                 raise ValueError(f"mask must be bool or integer, got {mask.dtype}")
             mask = mask.astype(bool)
