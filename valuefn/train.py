@@ -275,8 +275,8 @@ def _update_return_stats(
         "bias": (stats.std * head["bias"] + stats.mean - mean) / std,
     }
     ok = jnp.isfinite(mean) & jnp.isfinite(var)
-    new_params = {**params, "head": _where_tree(ok, new_head, head)}
-    return new_params, _where_tree(ok, new_stats, stats)
+    head, stats = _where_tree(ok, (new_head, new_stats), (head, stats))
+    return {**params, "head": head}, stats
 
 
 def _gradient_step(
