@@ -318,10 +318,11 @@ def _gradient_step(
     has_steps = jnp.any(jnp.broadcast_to(weights, targets.shape) != 0)
     # Finite gradients can still give non-finite updates (adam with eps=0 on a zero gradient).
     applied = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates) & has_steps
+    params, opt_state = _where_tree(applied, (params, opt_state), (state.params, state.opt_state))
     new_state = TrainState(
         step=state.step + applied.astype(jnp.int32),
-        params=_where_tree(applied, params, state.params),
-        opt_state=_where_tree(applied, opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         return_stats=state.return_stats,
     )
 
