@@ -21,11 +21,10 @@ from valuefn.targets import _keeps_one_run
 
 
 def test_quick_suite_writes_every_figure_with_its_baseline_and_floor(tmp_path):
-    # Its own process: the scaling benchmark needs JAX to start afresh, and a lower
-    # XLA optimisation level halves the compile times that dominate a quick run.
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    # Its own process: the scaling benchmark needs JAX to start afresh. It inherits
+    # the tests' XLA flags (conftest.py), which cut the compiles that dominate it.
     command = [sys.executable, "-m", "valuefn.cli", "bench", "--quick", "--out", str(tmp_path)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     [path] = tmp_path.glob("*.json")

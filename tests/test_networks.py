@@ -543,8 +543,10 @@ def test_remat_gives_the_same_values_and_gradients():
         results.append(jax.jit(jax.value_and_grad(loss))(params))
     (loss_plain, grads_plain), (loss_remat, grads_remat) = results
     np.testing.assert_allclose(loss_plain, loss_remat, rtol=1e-6)
+    # Recomputed activations may be fused and rounded differently: an entry that
+    # cancels to near 0 beside entries of 1e4 differs by float32 rounding of those.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.max(np.abs(b))),
         grads_plain,
         grads_remat,
     )

@@ -8,9 +8,9 @@ README.md's own lines. Block 1 (targets and loss) runs in this process. Block 3
 with two forced host CPU devices (this file run as a script), which keeps the
 rest of the suite on one device. To keep its compiles short, the subprocess
 builds block 2's critic narrower and with fewer layers than the README's
-(``SMALL_CRITIC``, every other argument as written) and compiles with
-``--xla_backend_optimization_level=0``; both sides of each comparison run
-under it.
+(``SMALL_CRITIC``, every other argument as written) and compiles with the
+tests' XLA flags (``conftest.py``); both sides of each comparison run under
+them.
 """
 
 from __future__ import annotations
@@ -376,7 +376,8 @@ def test_blocks_2_and_3_on_two_devices_do_what_their_comments_say(tmp_path):
     critic), so that pytest-xdist never runs it twice.
     """
     out = tmp_path / "results.json"
-    flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0"
+    # Beside the tests' own XLA flags (conftest.py).
+    flags = f"--xla_force_host_platform_device_count={DEVICES}"
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
