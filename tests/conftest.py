@@ -1,6 +1,16 @@
 import os
 
+from hypothesis import settings
+
 from valuefn.bench.suite import _xla_accepts
+
+# The property tests' examples: the same 100 in every run (derandomised, so that
+# CI is reproducible), or 3,000 fresh ones with `--hypothesis-profile=thorough`
+# (tests/test_targets.py takes 2 minutes so on two cores). No deadline: a new
+# shape's first example includes its compile.
+settings.register_profile("valuefn", max_examples=100, deadline=None, derandomize=True)
+settings.register_profile("thorough", max_examples=3000, deadline=None)
+settings.load_profile("valuefn")
 
 # Tests run small shapes on the CPU; keep JAX from grabbing an accelerator's memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import reference as ref
 from absl.testing import parameterized
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import valuefn as vf
@@ -25,7 +25,6 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 # Few shapes: each new shape costs a compilation. Unbatched, batched, two batch
 # axes, and a horizon of one.
 SHAPES = ((7,), (3, 6), (2, 2, 4), (3, 1))
-PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 METHODS = ("scan", "associative", "auto", "pallas")
 
 
@@ -167,7 +166,6 @@ GIVEN_LAMBDA_AND_METHOD = given(
 )
 
 
-@PROPERTY_SETTINGS
 @given(inputs=episodes())
 def test_td_targets_match_reference(inputs):
     np.testing.assert_allclose(call(vf.td_targets, inputs), call(ref.td_targets, inputs), **TOL)
@@ -270,13 +268,11 @@ def test_n_step_targets_in_one_pass_differentiate_as_the_reference(n, masked):
     assert_derivatives_are_the_linear_map(targets, inputs, tangents, expected, seed=n)
 
 
-@PROPERTY_SETTINGS
 @given(inputs=episodes())
 def test_td_errors_match_reference(inputs):
     np.testing.assert_allclose(call(vf.td_errors, inputs), call(ref.td_errors, inputs), **TOL)
 
 
-@PROPERTY_SETTINGS
 @given(inputs=episodes(), n=st.integers(1, 8))
 def test_n_step_targets_match_reference(inputs, n):
     np.testing.assert_allclose(
@@ -284,7 +280,6 @@ def test_n_step_targets_match_reference(inputs, n):
     )
 
 
-@PROPERTY_SETTINGS
 @GIVEN_LAMBDA_AND_METHOD
 def test_lambda_returns_match_reference(inputs, lambda_, method):
     np.testing.assert_allclose(
@@ -294,13 +289,11 @@ def test_lambda_returns_match_reference(inputs, lambda_, method):
     )
 
 
-@PROPERTY_SETTINGS
 @GIVEN_LAMBDA_AND_METHOD
 def test_gae_matches_reference(inputs, lambda_, method):
     assert_gae_matches_reference(call(vf.gae, inputs, lambda_, method=method), inputs, lambda_)
 
 
-@PROPERTY_SETTINGS
 @given(inputs=episodes(), method=st.sampled_from(METHODS))
 def test_discounted_returns_match_reference(inputs, method):
     kernel, reference = KERNELS["discounted_returns"]
