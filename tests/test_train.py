@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -221,6 +223,29 @@ def test_non_finite_step_leaves_params_and_optimizer_state_untouched():
     assert int(metrics["skipped"]) == 0
     assert int(state.step) == int(before.step) + 1
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host(state.params)))
+
+
+def test_vmapped_steps_skip_each_critic_on_its_own():
+    # Under vmap the state is chosen by a select per leaf on a condition per critic.
+    # adam with eps=0 turns the body's zero gradients under a zero-initialised head
+    # into 0 / 0: the second critic's updates are not finite though its loss is.
+    optimizer = optax.adam(1e-2, eps=0.0)
+    graphdef, _ = valuefn.init_train_state(make_model(), optimizer)
+    states = [valuefn.init_train_state(make_model(head_seed=s), optimizer)[1] for s in (3, None)]
+    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]))
+    update_step = valuefn.make_update_step(graphdef, optimizer)
+    before = host(states)
+    batch = make_batch()
+    batched, metrics = jax.jit(jax.vmap(update_step))(stack(*states), stack(batch, batch))
+    np.testing.assert_array_equal(metrics["skipped"], [0, 1])
+    np.testing.assert_array_equal(batched.step, [1, 0])
+    alone, _ = update_step(jax.tree.map(jnp.asarray, before[0]), batch)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        host(jax.tree.map(lambda x: x[0], batched)),
+        host(alone),
+    )
+    assert_trees_equal(jax.tree.map(lambda x: x[1], batched), before[1])
 
 
 def test_optimizers_that_read_the_loss_get_it():

@@ -218,13 +218,21 @@ def _where_tree(condition: Array, new: Any, old: Any) -> Any:
     square of the number of leaves. On a CPU, with one row of 256 tokens, the
     reference critic's step compiled in 6.0 s instead of 11.7 s and the 124M
     critic's unrolled one in 18 s instead of 72 s, with the same peak memory
-    and run time. Under ``vmap`` the cond becomes those selects.
+    and run time. Under ``vmap`` the cond becomes those selects; there the form
+    of :func:`_all_finite` keeps XLA from copying the condition into each.
     """
     return jax.lax.cond(condition, lambda new, old: new, lambda new, old: old, new, old)
 
 
 def _all_finite(tree: Any) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """Whether every entry of every leaf of ``tree`` is finite, as a count of the
+    leaves that are not: XLA splits an ``all`` over the leaves' flags into a chain
+    of ``and``s, and under ``vmap``, where the state is chosen by a select per
+    leaf, it copied that chain into every select (the reference critic's step
+    vmapped over two seeds compiled in 13 s instead of 8 s). A sum stays one
+    reduction."""
+    not_finite = [jnp.any(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.sum(jnp.stack(not_finite), dtype=jnp.int32) == 0
 
 
 def _head(params: Params) -> dict[str, Array]:
@@ -317,7 +325,7 @@ def _gradient_step(
     weights = 1.0 if batch.mask is None else jnp.asarray(batch.mask, jnp.float32)
     has_steps = jnp.any(jnp.broadcast_to(weights, targets.shape) != 0)
     # Finite gradients can still give non-finite updates (adam with eps=0 on a zero gradient).
-    applied = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates) & has_steps
+    applied = jnp.isfinite(loss) & _all_finite((grads, updates)) & has_steps
     params, opt_state = _where_tree(applied, (params, opt_state), (state.params, state.opt_state))
     new_state = TrainState(
         step=state.step + applied.astype(jnp.int32),
