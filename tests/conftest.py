@@ -2,7 +2,7 @@ import os
 
 from hypothesis import settings
 
-from valuefn.bench.suite import _xla_accepts
+from valuefn.bench.suite import add_xla_flags
 
 # The property tests' examples: the same 100 in every run (derandomised, so that
 # CI is reproducible), or 3,000 fresh ones with `--hypothesis-profile=thorough`
@@ -23,14 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # first flag and 5 with both.
 # Name either flag in XLA_FLAGS to test with another value, e.g. the defaults:
 # --xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true.
-# The emitter flag is added only where this jaxlib knows it (XLA aborts a process
-# on an unknown flag). Every pytest process, xdist's workers too, sets them here;
-# the subprocesses the tests start inherit them.
-_EMITTERS = "--xla_cpu_use_fusion_emitters"
-_flags = os.environ.get("XLA_FLAGS", "").split()
-_named = {flag.split("=")[0] for flag in _flags}
-if "--xla_backend_optimization_level" not in _named:
-    _flags.append("--xla_backend_optimization_level=0")
-if _EMITTERS not in _named and _xla_accepts([f"{_EMITTERS}=false"]):
-    _flags.append(f"{_EMITTERS}=false")
-os.environ["XLA_FLAGS"] = " ".join(_flags)
+# Each flag is added only where this jaxlib knows it (XLA aborts a process on an
+# unknown flag). Every pytest process, xdist's workers too, sets them here; the
+# subprocesses the tests start inherit them.
+add_xla_flags(("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"))

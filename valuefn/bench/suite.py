@@ -699,13 +699,14 @@ def _xla_accepts(flags: list[str]) -> bool:
     return probe.returncode == 0
 
 
-def _use_tuned_xla_flags() -> None:
-    """Adds those of :data:`TUNED_XLA_FLAGS` that this jaxlib knows to ``XLA_FLAGS``,
-    beside the flags already set; XLA reads them when JAX starts its backends,
-    which nothing has done yet when the suite starts from the command line."""
+def add_xla_flags(candidates) -> None:
+    """Adds those of ``candidates`` that this jaxlib knows to ``XLA_FLAGS``, beside
+    the flags already set (a flag already named keeps its value). XLA reads them
+    when JAX starts its backends, so this must run before anything does; the
+    processes started afterwards inherit them."""
     flags = os.environ.get("XLA_FLAGS", "").split()
     names = {flag.split("=")[0] for flag in flags}
-    wanted = [flag for flag in TUNED_XLA_FLAGS if flag.split("=")[0] not in names]
+    wanted = [flag for flag in candidates if flag.split("=")[0] not in names]
     if wanted and not _xla_accepts(wanted):
         known = [flag for flag in wanted if _xla_accepts([flag])]
         for flag in wanted:
@@ -715,6 +716,12 @@ def _use_tuned_xla_flags() -> None:
                 )
         wanted = known
     os.environ["XLA_FLAGS"] = " ".join(flags + wanted)
+
+
+def _use_tuned_xla_flags() -> None:
+    """Adds :data:`TUNED_XLA_FLAGS` by :func:`add_xla_flags`; nothing has started
+    JAX's backends yet when the suite starts from the command line."""
+    add_xla_flags(TUNED_XLA_FLAGS)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "valuefn bench") -> int:
