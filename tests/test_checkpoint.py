@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -170,10 +172,19 @@ def test_bad_arguments_raise_value_error_naming_them(tmp_path):
 def test_restore_into_another_model_names_the_checkpoint_and_target(tmp_path):
     _, _, state = make_problem()
     checkpoint.save(tmp_path / "one", state, 5)
-    for sizes in ((32,), (16, 16)):  # another width; another number of layers
+    # Another width: the leaves whose shapes differ are named, with both shapes.
+    # Another number of layers: the leaves only one side has.
+    for sizes, leaf in (
+        (
+            (32,),
+            r"params/layers/0/kernel is \(\d+, \d+\) in the checkpoint and \(\d+, 32\) in target",
+        ),
+        ((16, 16), r"not in the checkpoint: [^;]*params/layers/1/"),
+    ):
         optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
         _, other = valuefn.init_train_state(
             valuefn.MLPValue(STEPS, sizes, rngs=nnx.Rngs(0)), optimizer
         )
-        with pytest.raises(ValueError, match=r"step 5 in .* does not fit target"):
+        with pytest.raises(ValueError, match=r"step 5 in .* does not fit target") as raised:
             checkpoint.restore(tmp_path / "one", other)
+        assert re.search(leaf, str(raised.value)), str(raised.value)

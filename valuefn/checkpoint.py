@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,7 +38,53 @@ def _check_state(name: str, state: TrainState) -> None:
 
 def _manager(directory: pathlib.Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(directory, options=options)
+    # The handler named up front lets the manager read a checkpoint's metadata
+    # before anything is restored through it.
+    return ocp.CheckpointManager(
+        directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Each leaf's shape by its path, written the same for a state and for Orbax's
+    metadata of it (which stores NamedTuples as dicts and tuples as lists)."""
+
+    def name(key: Any) -> str:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {
+        "/".join(name(key) for key in path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _misfits(saved: Any, target: Any, most: int = 4) -> list[str]:
+    """What keeps the checkpoint's arrays ``saved`` from filling ``target``, leaf by
+    leaf (at most ``most`` of each kind), or nothing when they fit."""
+    saved, target = _shapes_by_path(saved), _shapes_by_path(target)
+    shapes = [
+        f"{path} is {saved[path]} in the checkpoint and {shape} in target"
+        for path, shape in target.items()
+        if path in saved and saved[path] != shape
+    ]
+    missing = [path for path in target if path not in saved]
+    extra = [path for path in saved if path not in target]
+
+    def listed(items: list[str]) -> str:
+        more = f" and {len(items) - most} more" if len(items) > most else ""
+        return ", ".join(items[:most]) + more
+
+    misfits = shapes[:most]
+    if len(shapes) > most:
+        misfits.append(f"{len(shapes) - most} more leaves of other shapes")
+    if missing:
+        misfits.append(f"not in the checkpoint: {listed(missing)}")
+    if extra:
+        misfits.append(f"not in target: {listed(extra)}")
+    return misfits
 
 
 def save(
@@ -113,14 +160,20 @@ def restore(
         elif step not in steps:
             raise ValueError(f"no checkpoint for step {step!r} in {str(directory)!r}; has {steps}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        misfit = (
+            f"the checkpoint for step {step} in {str(directory)!r} does not fit target, "
+            f"a state of another model or optimiser (sizes, layers or scan_layers differ)"
+        )
+        # Checked before reading: a restore that fails part way leaves Orbax's
+        # reads of the other arrays abandoned, and names no leaf.
+        saved = manager.item_metadata(step)
+        misfits = [] if saved is None else _misfits(saved, abstract)
+        if misfits:
+            raise ValueError(f"{misfit}: {'; '.join(misfits)}")
         try:
             state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except ValueError as err:
-            raise ValueError(
-                f"the checkpoint for step {step} in {str(directory)!r} does not fit target, "
-                f"a state of another model or optimiser (sizes, layers or scan_layers "
-                f"differ): {err}"
-            ) from err
+            raise ValueError(f"{misfit}: {err}") from err
     return state, step
 
 
