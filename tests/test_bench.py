@@ -252,9 +252,9 @@ def test_sweeps_run_last_and_only_where_pallas_compiles(monkeypatch):
     monkeypatch.setattr(sweeps.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(sweeps, "_pallas_fails", lambda *args: None)
 
-    def fake_sweep(batch, horizon, configs, *, repeats, left_out):
-        left_out[f"setting {configs[0]}"] = "out of shared memory"
-        return [Figure(f"swept {configs[0]}", 1.0, 1.0, 1.0)]
+    def fake_sweep(batch, horizon, configs, *, repeats):
+        yield figures.Skipped(f"setting {configs[0]}", "out of shared memory")
+        yield [Figure(f"swept {configs[0]}", 1.0, 1.0, 1.0)]
 
     monkeypatch.setattr(sweeps, "fused_sweep", fake_sweep)
     monkeypatch.setattr(sweeps, "pallas_sweep", fake_sweep)
@@ -296,15 +296,17 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
     # A configuration whose kernels fail (Mosaic GPU takes blocks of 128 columns
     # or more) is left out, not the sweep.
     configs = [("triton", 4, 8), ("mosaic_gpu", 4, 8)]
-    (swept,) = targets.pallas_sweep(2, 16, configs, repeats=1)
+    ([swept], mosaic) = targets.pallas_sweep(2, 16, configs, repeats=1)
     assert swept.name == "pallas recursion, triton, chunks of 4 steps, blocks of 8 rows 2x16"
+    assert mosaic.what == "pallas recursion, mosaic_gpu, chunks of 4 steps, blocks of 8 rows"
     assert "'backend': 'mosaic_gpu'" in capsys.readouterr().err
     assert swept.floor_work == 4 * 3 * 2 * 16
     # GAE's kernels that read the inputs, against defaults that fit 16 steps:
     # chunks that do not divide T are left out.
     monkeypatch.setattr(targets._pallas_gae, "CHUNK", 8)
-    (fused,) = targets.fused_sweep(2, 16, [(4, 2), (32, 2)], repeats=1)
+    ([fused], too_long) = targets.fused_sweep(2, 16, [(4, 2), (32, 2)], repeats=1)
     assert fused.name == "pallas gae with a mask, chunks of 4 steps, blocks of 2 rows 2x16"
+    assert isinstance(too_long, figures.Skipped)
     assert "'fused': True, 'chunk': 32" in capsys.readouterr().err
     assert fused.floor_work == targets.gae_bytes(2, 16)
     # The notes under the table find these figures by their names.
@@ -315,6 +317,45 @@ def test_pallas_figures_run_interpreted_at_tiny_sizes(capsys, monkeypatch):
         "fastest pallas recursion,",
         "fastest pallas gae",
     ]
+
+
+def test_pallas_sweeps_time_one_configuration_at_a_time(capsys):
+    # Each configuration is its own section, compiled only when the one before
+    # it has been timed: the suite saves each section as it comes, so a
+    # compiler that takes the process down keeps the figures before it.
+    ran = []
+
+    def call(config):
+        ran.append(config)
+        if config == "b":
+            raise RuntimeError("too many registers")
+        return jnp.ones(3)
+
+    calls = {c: functools.partial(call, c) for c in "abc"}
+    sweep = functools.partial(
+        targets._sweep,
+        options=lambda c: {"setting": c},
+        name=lambda c: f"setting {c}",
+        shape=(2, 16),
+        floor_work=1,
+        repeats=1,
+    )
+    sections = sweep(calls, ["a", "b", "c"], "a")
+    [first] = next(sections)
+    assert first.name == "setting a 2x16" and "c" not in ran
+    assert next(sections) == figures.Skipped("setting b", "RuntimeError: too many registers")
+    [last] = next(sections)
+    assert last.name == "setting c 2x16" and last.baseline == "defaults a 2x16"
+    assert next(sections, None) is None
+    err = capsys.readouterr().err
+    assert err.index("compiling {'setting': 'b'}") < err.index("compiling {'setting': 'c'}")
+    # Defaults that fail leave every configuration out, and nothing is timed.
+    ran.clear()
+    calls["a"] = functools.partial(call, "b")
+    assert list(sweep(calls, ["a", "c"], "a")) == [
+        figures.Skipped(f"setting {c}", "RuntimeError: too many registers") for c in "ac"
+    ]
+    assert ran == ["b"]
 
 
 def test_gae_figures_take_the_right_padded_and_the_general_masked_paths():

@@ -387,11 +387,11 @@ def method_map(shapes, *, repeats: int, gae_methods: tuple[str, ...] | None = No
 
 
 def pallas_sweep(
-    batch: int, horizon: int, configs, *, repeats: int, left_out: dict | None = None
-) -> list[Figure]:
+    batch: int, horizon: int, configs, *, repeats: int
+) -> Iterator[list[Figure] | Skipped]:
     """The ``pallas`` method's recursion alone (deltas and coefficients in, ``x``
-    out) at each ``(backend, chunk, rows)`` of ``configs`` against its defaults;
-    configurations whose kernels fail are left out (see :func:`_sweep`)."""
+    out) at each ``(backend, chunk, rows)`` of ``configs`` against its defaults,
+    one configuration at a time (see :func:`_sweep`)."""
     rng = np.random.default_rng(0)
     deltas = jnp.asarray(rng.normal(size=(batch, horizon)).astype(np.float32))
     coeffs = jnp.full((batch, horizon), GAMMA * LAMBDA, jnp.float32)
@@ -416,16 +416,15 @@ def pallas_sweep(
         shape=(batch, horizon),
         floor_work=4 * 3 * batch * horizon,  # deltas and coefficients read, x written
         repeats=repeats,
-        left_out=left_out,
     )
 
 
 def fused_sweep(
-    batch: int, horizon: int, configs, *, repeats: int, left_out: dict | None = None
-) -> list[Figure]:
+    batch: int, horizon: int, configs, *, repeats: int
+) -> Iterator[list[Figure] | Skipped]:
     """GAE with a mask by ``method="pallas"``'s kernels that read the inputs
     (valuefn/_pallas_gae.py) at each ``(chunk, rows)`` of ``configs`` against
-    their defaults; configurations whose kernels fail are left out (see :func:`_sweep`)."""
+    their defaults, one configuration at a time (see :func:`_sweep`)."""
     rewards, values, bootstrap, mask = (jnp.asarray(x) for x in make_inputs(batch, horizon))
     default = (_pallas_gae.CHUNK, _pallas_gae.ROWS)
     calls = {
@@ -451,41 +450,46 @@ def fused_sweep(
         shape=(batch, horizon),
         floor_work=gae_bytes(batch, horizon),
         repeats=repeats,
-        left_out=left_out,
     )
 
 
-def _sweep(calls, configs, default, *, options, name, shape, floor_work, repeats, left_out):
-    """``calls[config]`` timed for each of ``configs`` whose kernels run against
-    ``calls[default]``; ``name(config)`` names the figure. The others are left
-    out, with ``options(config)`` and the reason on stderr and the reason in
-    ``left_out[name(config)]`` (if ``left_out`` is given); all are, if the
-    defaults fail."""
-    left_out = {} if left_out is None else left_out
-    failures = {c: _pallas_fails(calls[c], options(c)) for c in dict.fromkeys((default, *configs))}
-    for c, reason in failures.items():
-        if reason is not None:
-            left_out[name(c)] = reason
-    if failures[default] is not None:
-        return []
-    configs = [c for c in configs if failures[c] is None]
-    timings = measure_many(
-        {c: calls[c] for c in dict.fromkeys((default, *configs))}, repeats=repeats
-    )
+def _sweep(
+    calls, configs, default, *, options, name, shape, floor_work, repeats
+) -> Iterator[list[Figure] | Skipped]:
+    """For each of ``configs`` in turn, ``calls[config]`` timed against
+    ``calls[default]`` in the same rounds, as a section of one figure named
+    ``name(config)``, or a :class:`Skipped` with the reason its kernels failed
+    (every configuration, if the defaults fail). stderr names each configuration,
+    by ``options(config)``, before it compiles. One configuration at a time: the
+    suite saves each section as it comes, so a compiler that takes the process
+    down costs the configurations from its own on, and stderr names it."""
     batch, horizon = shape
     label = f"{batch}x{horizon}"
-    return [
-        timed(
-            f"{name(c)} {label}",
-            timings[c],
-            against=(f"defaults {' '.join(map(str, default))} {label}", timings[default]),
-            work=batch * horizon,
-            work_unit="steps",
-            floor=MEMORY,
-            floor_work=floor_work,
+    against = f"defaults {' '.join(map(str, default))} {label}"
+    print(f"[sweeps] compiling {options(default)}", file=sys.stderr, flush=True)
+    failure = _pallas_fails(calls[default], options(default))
+    for config in configs:
+        reason = failure
+        if reason is None and config != default:
+            print(f"[sweeps] compiling {options(config)}", file=sys.stderr, flush=True)
+            reason = _pallas_fails(calls[config], options(config))
+        if reason is not None:
+            yield Skipped(name(config), reason)
+            continue
+        timings = measure_many(
+            {c: calls[c] for c in dict.fromkeys((default, config))}, repeats=repeats
         )
-        for c in configs
-    ]
+        yield [
+            timed(
+                f"{name(config)} {label}",
+                timings[config],
+                against=(against, timings[default]),
+                work=batch * horizon,
+                work_unit="steps",
+                floor=MEMORY,
+                floor_work=floor_work,
+            )
+        ]
 
 
 def run(quick: bool) -> Iterator[list[Figure] | Skipped]:
