@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,42 @@ def test_fused_attention_path_in_bf16_matches_the_block_form(monkeypatch):
     fused = np.asarray(valuefn.predict(graphdef, params, toks))
     assert np.all(np.isfinite(fused))
     np.testing.assert_allclose(fused, blocks, rtol=0.05, atol=0.05 * np.max(np.abs(blocks)))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "pad_id", "cudnn_calls"),
+    [
+        (jnp.bfloat16, None, ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]),
+        # The padding mask reaches cuDNN as an additive bias, beside its causal mask.
+        (
+            jnp.bfloat16,
+            0,
+            ["__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"],
+        ),
+        (jnp.float32, 0, []),  # cuDNN's fused attention takes half precision only
+    ],
+)
+def test_update_step_lowered_for_an_nvidia_gpu_attends_by_cudnn(
+    monkeypatch, dtype, pad_id, cudnn_calls
+):
+    # Lowered for CUDA from this machine, where JAX finds no cuDNN: given a
+    # version, it builds the fused attention's calls, so a bf16 critic, with a
+    # padding mask or without, does not fall back to XLA's attention on a GPU.
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(networks, "_fused_attention", lambda: True)
+    optimizer = optax.adam(1e-3)
+    graphdef, state = valuefn.init_train_state(
+        tiny_transformer(dtype=dtype, pad_id=pad_id), optimizer
+    )
+    step = valuefn.make_update_step(graphdef, optimizer)
+    batch = valuefn.Batch(
+        inputs=tokens(batch=2), targets=jnp.zeros((2, MAX_LEN)), mask=jnp.ones((2, MAX_LEN))
+    )
+    lowered = step.trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(__cudnn\$\w+)", lowered)
+    assert sorted(calls) == sorted(cudnn_calls * LAYERS)  # forward and backward, each layer
 
 
 def padded(real, pads, seed=2):
