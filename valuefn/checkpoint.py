@@ -47,16 +47,10 @@ def _manager(directory: pathlib.Path, max_to_keep: int | None = None) -> ocp.Che
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
     """Each leaf's shape by its path, written the same for a state and for Orbax's
-    metadata of it (which stores NamedTuples as dicts and tuples as lists)."""
-
-    def name(key: Any) -> str:
-        for attr in ("name", "key", "idx"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
+    metadata of it (which stores NamedTuples as dicts and tuples as lists): the
+    keys' simple forms name a field, a dict key and an index alike."""
     return {
-        "/".join(name(key) for key in path): tuple(getattr(leaf, "shape", ()))
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", ()))
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 
